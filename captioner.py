@@ -193,7 +193,9 @@ class CLIPBackbone(VisionBackbone):
 
     def features(self, pixels):
         output = self.vision(pixel_values=pixels)
-        patches = self.vision.vision_model.post_layernorm(output.last_hidden_state[:, 1:])  # (B, h*w, D)
+        # transformers 5.24 dropped the inner `vision_model` wrapper; earlier releases have it
+        post_layernorm = getattr(self.vision, "vision_model", self.vision).post_layernorm
+        patches = post_layernorm(output.last_hidden_state[:, 1:])  # (B, h*w, D)
         B, _, D = patches.shape
         side = self.patches_per_side
         return output.pooler_output, patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D, h, w)
@@ -261,23 +263,29 @@ class CaptionModel(nn.Module):
         x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
         return self.image_norm(x + self.image_slot_embedding)
 
-    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. image_tokens (B, K, D), input_ids (B, T) right-padded -> logits (B, T, V).
+    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, target_mask=None) -> torch.Tensor:
+        """Teacher forcing. image_tokens (B, K, D), input_ids (B, T) right-padded -> logits (B, T, V), or
+        logits (N, V) at the N positions where target_mask (B, T) is True: with a 50k vocabulary the output
+        layer is most of the cost, so training skips it at padding positions.
         Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
         memory = self.encode_images(image_tokens)
-        return self.decoder(input_ids=input_ids, encoder_hidden_states=memory, use_cache=False).logits
+        hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
+                                          use_cache=False).last_hidden_state  # (B, T, C)
+        if target_mask is not None:
+            hidden = hidden[target_mask]  # (N, C)
+        return self.decoder.lm_head(hidden)
 
     def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
         """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
         -> logits (N, V) for the next token, and the updated cache."""
         output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
                               use_cache=True, **{_cache_argument(self.decoder): cache})
-        return output.logits[:, -1], output.past_key_values
+        return output.logits[:, -1], output[_cache_argument(self.decoder)]
 
 
 def _cache_argument(decoder) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name still works, with a warning);
-    # GPU machines run 5.17, which knows only the old name.
+    # transformers 5.24 renamed `past_key_values` to `cache`, in the arguments and in the output (the old
+    # name still works, with a warning); GPU machines run 5.17, which knows only the old name.
     import inspect
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 

@@ -19,6 +19,7 @@ import re
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 from sacrebleu.metrics import BLEU
 
@@ -34,7 +35,7 @@ def decode_image_tokens(model, tokenizer, image_tokens, beam_size: int, device, 
     (no shuffling); the caller sets model.eval()."""
     captions = []
     for start in range(0, len(image_tokens), batch_size):
-        batch = torch.as_tensor(image_tokens[start:start + batch_size]).to(device)  # (b, K, D)
+        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size])).to(device)  # (b, K, D), a copy
         ids, _ = beam_search(model, batch, beam_size, max_length, length_penalty)
         captions.extend(ids_to_text(tokenizer, ids))
     return captions

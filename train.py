@@ -103,6 +103,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return preprocess_image(self.paths[i], self.preprocessing)
 
 
+def _one_thread(_worker_id):
+    # Workers only decode and resize JPEGs; left at the default they would each start as many math threads
+    # as there are cores and fight the backbone for them.
+    torch.set_num_threads(1)
+
+
 def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", batch_size=32,
                         num_workers=2, get_backbone=None):
     """-> (a read-only memmap (N, K, D) float16 of the split's image tokens, its description dict),
@@ -123,7 +129,8 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
     os.makedirs(cache_dir, exist_ok=True)
     backbone = (get_backbone() if get_backbone else load_backbone(backbone_name)).to(device).eval()
     loader = torch.utils.data.DataLoader(ImageFiles([item["path"] for item in items], backbone.preprocessing),
-                                         batch_size=batch_size, num_workers=num_workers, shuffle=False)
+                                         batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                         worker_init_fn=_one_thread)
     tmp_path = npy_path + f".tmp-{os.getpid()}.npy"
     output = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16, shape=(len(items), K, backbone.width))
     start_time, done = time.time(), 0
@@ -225,15 +232,32 @@ def make_optimizer(model, lr: float, weight_decay: float):
 
 
 def sequence_loss_sum(logits, labels):
-    """Summed (not averaged) token cross-entropy, in fp32; -100 labels are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    """logits (N, V), labels (N,) -> summed (not averaged) token cross-entropy, in fp32."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def accumulate_gradients(model, batches, scaler, args):
+    """Forward and backward over one optimizer step's micro-batches -> (mean token loss tensor, tokens).
+    Each micro-batch's summed token loss is divided by the caption tokens of the whole window, so the
+    accumulated gradient equals that of the one big batch's mean token loss, however the tokens are split
+    across micro-batches (a plain mean per micro-batch would over-weight short ones)."""
+    window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches)
+    window_loss = torch.zeros((), device=args.device)
+    for image_tokens, input_ids, labels in batches:
+        image_tokens, input_ids, labels = image_tokens.to(args.device), input_ids.to(args.device), labels.to(args.device)
+        target_mask = labels != -100
+        with autocast_context(args):
+            logits = model(image_tokens, input_ids, target_mask)  # (N, V), N = caption tokens
+        loss = sequence_loss_sum(logits, labels[target_mask]) / window_tokens
+        scaler.scale(loss).backward()
+        window_loss += loss.detach()
+    return window_loss, window_tokens
 
 
 def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, log):
     """Run the optimizer steps of one epoch from state['step_in_epoch'] on. Returns False if the run must
     stop early (--stop-after-steps), True when the epoch is complete."""
     model.train()
-    device, autocast = args.device, autocast_context(args)
     pairs = epoch_order(data["captions"], epoch, args.seed, args.one_caption_per_image)
     micro_batches = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
     # Windows of accumulate_grad_batches micro-batches; the last, shorter window is kept, not dropped.
@@ -246,27 +270,17 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
             group["lr"] = lr
         batches = [make_batch(p, data["captions"], data["tokens"], data["eos"], args.train_padding)
                    for p in windows[window_index]]
-        # Normalise by the caption tokens of the whole window: the summed gradients then equal those of the
-        # one big batch's mean token loss, however the tokens are split across micro-batches.
-        window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches)
-        window_loss = torch.zeros((), device=device)
-        for image_tokens, input_ids, labels in batches:
-            image_tokens, input_ids, labels = image_tokens.to(device), input_ids.to(device), labels.to(device)
-            with autocast:
-                logits = model(image_tokens, input_ids)
-            loss = sequence_loss_sum(logits, labels) / window_tokens
-            scaler.scale(loss).backward()
-            window_loss += loss.detach()
+        window_loss, window_tokens = accumulate_gradients(model, batches, scaler, args)
+        loss_value = float(window_loss)  # checked before the step, so a bad loss never reaches the weights
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"error: the training loss is {loss_value} at step {state['step']} (epoch {epoch}); "
+                             f"stopping. Try a lower --lr, or --precision bf16/32 instead of 16.")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = float(window_loss)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: the training loss is {loss_value} at step {state['step']} (epoch {epoch}); "
-                             f"stopping. Try a lower --lr, or --precision bf16/32 instead of 16.")
         state["step"] += 1
         state["step_in_epoch"] = window_index + 1
         interval["loss"] += loss_value
@@ -297,9 +311,10 @@ def validation_loss(model, data, args) -> float:
     for start in range(0, len(pairs), args.eval_batch_size):
         image_tokens, input_ids, labels = make_batch(pairs[start:start + args.eval_batch_size], data["captions"],
                                                      data["tokens"], data["eos"])
+        labels = labels.to(args.device)
         with autocast_context(args):
-            logits = model(image_tokens.to(args.device), input_ids.to(args.device))
-        total += float(sequence_loss_sum(logits, labels.to(args.device)))
+            logits = model(image_tokens.to(args.device), input_ids.to(args.device), labels != -100)
+        total += float(sequence_loss_sum(logits, labels[labels != -100]))
         tokens += int((labels != -100).sum())
     return total / tokens
 
@@ -465,10 +480,6 @@ def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
     checkpoint = load_checkpoint(args) if args.resume else None
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # also seeds every CUDA device
-
     # data: captions and cached image tokens
     splits = {split: read_karpathy(args.data_dir, split) for split in ("train", "val")}
     if checkpoint:
@@ -483,6 +494,12 @@ def main(args):
             num_workers=args.num_workers, get_backbone=get_backbone)
     get_backbone.cache_clear()  # frozen and cached: the backbone is not needed for training
     preprocessing = cache_meta["train"]["preprocessing"]  # stored in model.pt, checked when it is loaded
+
+    # Seed here, after the cache: loading a backbone to build it draws random numbers (weight init), and
+    # whether that happened must not change the decoder's initialisation or the dropout masks.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # also seeds every CUDA device
     if not checkpoint:
         model, tokenizer = build_model(args.language_model, args.vision_backbone,
                                        image_width=tokens["train"].shape[2], image_grid=args.image_grid)
@@ -561,4 +578,7 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(args, parser)
-    main(args)
+    try:
+        main(args)
+    except (ArchiveError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,173 @@
+"""The training loop: accumulation, schedule, padding, resume, overwrite protection, clear failures."""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from captioner import build_model, safe_torch_load
+
+
+def run_train(argv):
+    parser = train.get_args_parser()
+    args = parser.parse_args(argv)
+    train.check_args(args, parser)
+    train.main(args)
+
+
+def train_argv(data, decoder, clip, out, cache, *extra):
+    return ["--data-dir", data, "--vision-backbone", f"clip:{clip}", "--language-model", decoder,
+            "--image-grid", "2", "--out-dir", str(out), "--cache-dir", str(cache), "--batch-size", "4",
+            "--accumulate-grad-batches", "3", "--max-epochs", "2", "--lr", "1e-3", "--precision", "32",
+            "--device", "cpu", "--log-interval", "1", "--num-workers", "0", "--max-length", "8",
+            "--checkpoint-every", "0", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+    cache = tmp_path / "cache"
+    # 16 images x 2 captions = 8 micro-batches of 4 = windows of 3 + 3 + 2: 3 optimizer steps per epoch
+    run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "a", cache))
+    run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache,
+                         "--stop-after-steps", "2"))  # stops inside the first epoch
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2]
+    run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache,
+                         "--resume", "--stop-after-steps", "2"))  # stops inside the second epoch
+    run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache, "--resume"))
+
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    train_a = [(r["step"], r["loss"]) for r in log_a if r["type"] == "train"]
+    train_b = [(r["step"], r["loss"]) for r in log_b if r["type"] == "train"]
+    assert [s for s, _ in train_a] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in train_b] == [s for s, _ in train_a]
+    assert [l for _, l in train_b] == pytest.approx([l for _, l in train_a], rel=1e-6, abs=1e-7)
+    epochs_a = [(r["val_loss"], r["val_bleu4"]) for r in log_a if r["type"] == "epoch"]
+    epochs_b = [(r["val_loss"], r["val_bleu4"]) for r in log_b if r["type"] == "epoch"]
+    assert len(epochs_a) == 2 and sum(epochs_b, ()) == pytest.approx(sum(epochs_a, ()), rel=1e-6)
+    final_a = safe_torch_load(str(tmp_path / "a" / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
+    final_b = safe_torch_load(str(tmp_path / "b" / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
+    for name, tensor in final_a["model"].items():
+        torch.testing.assert_close(final_b["model"][name], tensor, rtol=1e-6, atol=1e-7)
+    assert final_a["state"] == final_b["state"]
+    assert os.path.isfile(tmp_path / "a" / "model.pt")
+
+
+def test_a_run_is_never_silently_overwritten(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+    argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
+                      "--max-epochs", "1", "--stop-after-steps", "1")
+    run_train(argv)
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run_train(argv)
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match="other settings"):
+        run_train(argv[:-2] + ["--resume", "--seed", "1"])
+    run_train(argv + ["--overwrite"])  # explicit consent
+
+
+def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
+                                                    monkeypatch):
+    real = train.sequence_loss_sum
+    monkeypatch.setattr(train, "sequence_loss_sum", lambda logits, labels: real(logits, labels) * float("nan"))
+    with pytest.raises(SystemExit, match="training loss is nan at step 0"):
+        run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache"))
+    assert not os.path.exists(tmp_path / "out" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: efficientnet-lite0"),
+    ([], "blip:base: BLIP base"),  # the default until BLIP lands: a clear error listing what exists
+    (["--vision-backbone", "efficientnet-lite0", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_arguments_fail_at_parsing(argv, message, capsys):
+    parser = train.get_args_parser()
+    with pytest.raises(SystemExit):
+        train.check_args(parser.parse_args(argv), parser)
+    assert message in capsys.readouterr().err
+
+
+def test_accumulated_gradient_equals_the_one_big_batch(small_decoder_dir):
+    model, tokenizer = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
+    model.eval()  # no dropout, so that both computations see the same function
+    captions = [[[int(t) for t in torch.randint(0, 50000, (n,))] + [tokenizer.eos_token_id]]
+                for n in (2, 9, 4, 14, 1, 6, 3, 11)]  # very different lengths on purpose
+    image_tokens = np.random.default_rng(0).standard_normal((8, 2, 6)).astype(np.float16)
+    pairs = [(i, 0) for i in range(8)]
+    args = SimpleNamespace(device="cpu", precision="32")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(split):
+        model.zero_grad(set_to_none=True)
+        batches, start = [], 0
+        for size in split:
+            batches.append(train.make_batch(pairs[start:start + size], captions, image_tokens, tokenizer.eos_token_id))
+            start += size
+        loss, tokens = train.accumulate_gradients(model, batches, scaler, args)
+        return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_big, tokens_big, grads_big = gradients([8])
+    for split in ([4, 4], [1, 7], [3, 3, 2]):
+        loss, tokens, grads = gradients(split)
+        assert tokens == tokens_big == sum(len(c[0]) for c in captions)
+        assert loss.item() == pytest.approx(loss_big.item(), rel=1e-5)
+        for name, grad in grads_big.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_is_never_trained_and_every_caption_ends_with_eos():
+    eos = 9
+    captions = [[[1, 2, 3, eos]], [[4, eos]]]
+    tokens = np.zeros((2, 1, 3), dtype=np.float16)
+    _, input_ids, labels = train.make_batch([(0, 0), (1, 0)], captions, tokens, eos)
+    assert input_ids.tolist() == [[eos, 1, 2, 3], [eos, 4, eos, eos]]
+    assert labels.tolist() == [[1, 2, 3, eos], [4, eos, -100, -100]]
+    _, _, original_labels = train.make_batch([(0, 0), (1, 0)], captions, tokens, eos, train_padding=True)
+    assert original_labels.tolist() == [[1, 2, 3, eos], [4, eos, eos, eos]]
+
+
+def test_tokenized_captions_end_with_eos_and_respect_the_limit(small_decoder_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(small_decoder_dir)
+    items = [{"captions": ["A man riding a horse.", "word " * 50]}]
+    ids = train.tokenize_captions(tokenizer, items, max_tokens=10)
+    assert ids[0][0] == [32, 582, 10311, 257, 8223, 13, 50256]
+    assert len(ids[0][1]) == 10 and ids[0][1][-1] == 50256
+
+
+def test_epoch_order_is_seeded_and_covers_the_data():
+    captions = [[[1]] * 5, [[2]] * 5, [[3]] * 6]
+    order = train.epoch_order(captions, epoch=0, seed=0, one_caption_per_image=False)
+    assert sorted(order) == sorted((i, j) for i, c in enumerate(captions) for j in range(len(c)))
+    assert order == train.epoch_order(captions, 0, 0, False)
+    assert order != train.epoch_order(captions, 1, 0, False)
+    one = train.epoch_order(captions, epoch=0, seed=0, one_caption_per_image=True)
+    assert sorted(i for i, _ in one) == [0, 1, 2]
+
+
+def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
+    args = SimpleNamespace(lr_schedule="cosine", lr=1e-3, warmup_fraction=0.1, min_lr_ratio=0.1)
+    lrs = [train.get_lr(step, 100, args) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    args.lr_schedule = "constant"
+    assert {train.get_lr(step, 100, args) for step in range(100)} == {1e-3}
+
+
+def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json: no such file"):
+        train.read_karpathy(str(tmp_path), "train")
+    (tmp_path / "dataset_coco.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset_coco.json: not a Karpathy-format split file"):
+        train.read_karpathy(str(tmp_path), "train")
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "val", "filename": "a.jpg",
+                                                                         "sentences": [{"raw": "x"}]}]}))
+    with pytest.raises(ValueError, match=r"split 'train' has no images \(splits present: \['val'\]\)"):
+        train.read_karpathy(str(tmp_path), "train")
