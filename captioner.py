@@ -21,7 +21,6 @@ import math
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -427,11 +426,15 @@ def safe_torch_load(path: str, expected_format: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # the safe unpickler names the class or function it refused
+            raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)") from None
+        first_line = str(e).strip().splitlines()[-1][:200]
         raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects (such as a whole "
                            f"pickled model), which could run arbitrary code. Only plain-data files written by "
-                           f"this project are accepted; nothing in the file was executed. ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): {e}") from None
+                           f"this project are accepted; nothing in the file was executed. ({first_line})") from None
+    except Exception as e:  # torch raises many kinds on damaged input (RuntimeError, EOFError, KeyError, ...)
+        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): "
+                           f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")

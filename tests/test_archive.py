@@ -1,0 +1,96 @@
+"""The model archive: plain data, safe loading, clear errors; the inference API and CLI on top of it."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captioner import (ArchiveError, Captioner, beam_search, build_model, load_backbone, load_model, save_model)
+
+
+@pytest.fixture
+def archive(small_decoder_dir, tiny_clip_dir, tmp_path):
+    backbone = load_backbone(f"clip:{tiny_clip_dir}")
+    model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=2)
+    path = str(tmp_path / "model.pt")
+    save_model(path, model, tokenizer, backbone.preprocessing, {"epoch": 3})
+    return path, model.eval(), tokenizer
+
+
+def test_round_trip_is_exact_and_loads_with_weights_only(archive):
+    path, model, tokenizer = archive
+    raw = torch.load(path, weights_only=True)  # plain data: the safe loader reads it
+    assert raw["format"] == "captioner-model" and raw["metadata"] == {"epoch": 3}
+    assert isinstance(raw["config"], dict) and isinstance(raw["tokenizer"]["json"], str)
+    loaded, loaded_tokenizer, _ = load_model(path)
+    tokens = torch.randn(3, model.config.num_image_tokens, model.config.image_width)
+    input_ids = torch.randint(0, 50257, (3, 7))
+    torch.testing.assert_close(loaded(tokens, input_ids), model(tokens, input_ids), rtol=0, atol=0)
+    assert loaded_tokenizer("A man riding a horse.")["input_ids"] == tokenizer("A man riding a horse.")["input_ids"]
+    assert loaded_tokenizer.decode([32, 582, 13]) == "A man."
+    assert not loaded.training
+
+
+class Malicious:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['MARKER']}",))
+
+
+def test_a_pickled_object_file_is_refused_without_running_it(tmp_path, monkeypatch):
+    marker = tmp_path / "executed"
+    monkeypatch.setenv("MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "captioner-model", "model": Malicious()}, path)
+    with pytest.raises(ArchiveError, match="evil.pt: refused to load: the file needs pickled Python objects"):
+        load_model(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(archive, tmp_path):
+    path, _, _ = archive
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArchiveError, match="truncated.pt: not a readable PyTorch file"):
+        load_model(str(truncated))
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(ArchiveError, match="notes.pt: not a readable PyTorch file"):
+        load_model(str(text))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(ArchiveError, match="foreign.pt: not a captioner-model file"):
+        load_model(str(foreign))
+    with pytest.raises(FileNotFoundError, match="missing.pt: no such file"):
+        load_model(str(tmp_path / "missing.pt"))
+
+
+def test_captioner_api_single_and_batched(archive, tiny_dataset):
+    path, model, _ = archive
+    cap = Captioner.load(path)
+    images = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(3)]
+    one = cap(images[0], beam_size=2, max_length=6)
+    many = cap(images, beam_size=2, max_length=6)
+    assert isinstance(one, str) and isinstance(many, list) and len(many) == 3
+    assert many[0] == one  # batching does not change a caption
+    tokens = cap.encode(images)
+    assert tokens.shape == (3, 5, 32)  # 1 global + 2 x 2 grid tokens of CLIP width 32
+    ids, scores = beam_search(cap.model, tokens, beam_size=2, max_length=6)
+    assert ids.shape[0] == 3 and scores.shape == (3,)
+
+
+def test_command_line_prints_path_and_caption(archive, tiny_dataset):
+    path, _, _ = archive
+    images = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(2)]
+    result = subprocess.run([sys.executable, "captioner.py", "--checkpoint", path, "--beam-size", "2",
+                             "--max-length", "5", "--device", "cpu", *images],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().split("\n")
+    assert [line.split("\t")[0] for line in lines] == images
+    bad = subprocess.run([sys.executable, "captioner.py", "--checkpoint", images[0], images[0]],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert bad.returncode != 0 and "not a readable PyTorch file" in bad.stderr and "Traceback" not in bad.stderr
