@@ -15,7 +15,6 @@ train.py and evaluate.py import the model from here; it is defined nowhere else.
 """
 
 import argparse
-import io
 import json
 import math
 import os

@@ -53,6 +53,7 @@ def test_coco_tokenization_matches_stanford_ptb(text, tokens):
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs java")
 def test_coco_protocol_agrees_with_pycocoevalcap():
+    pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     references = coco_mini_captions("val") + coco_mini_captions("test")
