@@ -261,16 +261,17 @@ class CaptionModel(nn.Module):
         x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
         return self.image_norm(x + self.image_slot_embedding)
 
-    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, target_mask=None) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
         """Teacher forcing. image_tokens (B, K, D), input_ids (B, T) right-padded -> logits (B, T, V), or
-        logits (N, V) at the N positions where target_mask (B, T) is True: with a 50k vocabulary the output
-        layer is most of the cost, so training skips it at padding positions.
+        logits (N, V) at `positions`, flat indices (N,) into the B*T positions. With a 50k vocabulary the output
+        layer is most of the cost, so training asks only for the positions that have a label; indices (rather
+        than a boolean mask) keep the GPU from waiting to learn N.
         Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
         memory = self.encode_images(image_tokens)
         hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
                                           use_cache=False).last_hidden_state  # (B, T, C)
-        if target_mask is not None:
-            hidden = hidden[target_mask]  # (N, C)
+        if positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, positions)  # (N, C)
         return self.decoder.lm_head(hidden)
 
     def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):

@@ -231,6 +231,12 @@ def make_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
+def labelled_positions(labels):
+    """labels (B, T) -> flat indices (N,) of the positions with a label, and those labels (N,)."""
+    positions = (labels.flatten() != -100).nonzero().squeeze(1)
+    return positions, labels.flatten()[positions]
+
+
 def sequence_loss_sum(logits, labels):
     """logits (N, V), labels (N,) -> summed (not averaged) token cross-entropy, in fp32."""
     return F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -244,11 +250,12 @@ def accumulate_gradients(model, batches, scaler, args):
     window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches)
     window_loss = torch.zeros((), device=args.device)
     for image_tokens, input_ids, labels in batches:
-        image_tokens, input_ids, labels = image_tokens.to(args.device), input_ids.to(args.device), labels.to(args.device)
-        target_mask = labels != -100
+        positions, targets = labelled_positions(labels)  # on the CPU, where no synchronisation is needed
+        image_tokens, input_ids = image_tokens.to(args.device, non_blocking=True), input_ids.to(args.device, non_blocking=True)
+        positions, targets = positions.to(args.device, non_blocking=True), targets.to(args.device, non_blocking=True)
         with autocast_context(args):
-            logits = model(image_tokens, input_ids, target_mask)  # (N, V), N = caption tokens
-        loss = sequence_loss_sum(logits, labels[target_mask]) / window_tokens
+            logits = model(image_tokens, input_ids, positions)  # (N, V), N = caption tokens
+        loss = sequence_loss_sum(logits, targets) / window_tokens
         scaler.scale(loss).backward()
         window_loss += loss.detach()
     return window_loss, window_tokens
@@ -311,10 +318,10 @@ def validation_loss(model, data, args) -> float:
     for start in range(0, len(pairs), args.eval_batch_size):
         image_tokens, input_ids, labels = make_batch(pairs[start:start + args.eval_batch_size], data["captions"],
                                                      data["tokens"], data["eos"])
-        labels = labels.to(args.device)
+        positions, targets = labelled_positions(labels)
         with autocast_context(args):
-            logits = model(image_tokens.to(args.device), input_ids.to(args.device), labels != -100)
-        total += float(sequence_loss_sum(logits, labels[labels != -100]))
+            logits = model(image_tokens.to(args.device), input_ids.to(args.device), positions.to(args.device))
+        total += float(sequence_loss_sum(logits, targets.to(args.device)))
         tokens += int((labels != -100).sum())
     return total / tokens
 
@@ -504,6 +511,10 @@ def main(args):
         model, tokenizer = build_model(args.language_model, args.vision_backbone,
                                        image_width=tokens["train"].shape[2], image_grid=args.image_grid)
     model.to(args.device)
+    if torch.device(args.device).type == "cuda":
+        # TF32 matmuls for the fp32 parts (all of --precision 32): ~fp32 accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     data = {split: {"captions": tokenize_captions(tokenizer, items, args.max_caption_tokens),
                     "tokens": tokens[split], "eos": tokenizer.eos_token_id, "tokenizer": tokenizer, "items": items}
             for split, items in splits.items()}

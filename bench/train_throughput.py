@@ -34,8 +34,8 @@ def get_args_parser():
     parser.add_argument("--heads", type=int, default=12, help="distilgpt2: 12")
     parser.add_argument("--image-tokens", type=int, default=10, help="1 global + grid x grid")
     parser.add_argument("--image-width", type=int, default=768, help="BLIP base / CLIP ViT-B: 768")
-    parser.add_argument("--batch-size", type=int, default=32, help="captions per micro-batch")
-    parser.add_argument("--accumulate-grad-batches", type=int, default=4)
+    parser.add_argument("--batches", nargs="+", default=["32x4", "128x1"],
+                        help="micro-batch x accumulation pairs to time (the same effective batch, split differently)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
     return parser
@@ -48,15 +48,20 @@ def main(args):
     config = CaptionerConfig(vision_backbone="synthetic", image_grid=grid, image_width=args.image_width,
                              decoder=decoder.to_dict(), eos_token_id=50256)
     rng = np.random.default_rng(0)
-    n_captions = args.batch_size * args.accumulate_grad_batches * (args.steps + args.warmup_steps)
+    pairs = [tuple(int(x) for x in b.split("x")) for b in args.batches]
+    n_captions = max(b * a for b, a in pairs) * (args.steps + args.warmup_steps)
     captions = [[list(rng.integers(0, 50256, rng.integers(7, 20))) + [50256]] for _ in range(n_captions)]
     image_tokens = rng.standard_normal((n_captions, config.num_image_tokens, args.image_width)).astype(np.float16)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; decoder {args.layers} layers x {args.width}; {config.num_image_tokens} image tokens of "
-          f"width {args.image_width}; effective batch {args.batch_size} x {args.accumulate_grad_batches}")
-    print("| precision | ms/step | captions/s | tokens/s | peak GPU memory (GB) | minutes per Karpathy epoch |")
-    print("|---|---|---|---|---|---|")
-    for precision in args.precisions:
+          f"width {args.image_width}")
+    if args.device.startswith("cuda"):  # as train.py does on CUDA
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print("| batch x accumulation | precision | ms/step | captions/s | tokens/s | peak GPU memory (GB) | "
+          "minutes per Karpathy epoch |")
+    print("|---|---|---|---|---|---|---|")
+    for (batch_size, accumulation), precision in [(p, q) for p in pairs for q in args.precisions]:
         torch.manual_seed(0)
         model = CaptionModel(config).to(args.device).train()
         optimizer = train.make_optimizer(model, 1e-4, 0.01)
@@ -70,10 +75,10 @@ def main(args):
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start, tokens = time.perf_counter(), 0
-            first = step * args.batch_size * args.accumulate_grad_batches
-            batches = [train.make_batch([(first + m * args.batch_size + i, 0) for i in range(args.batch_size)],
+            first = step * batch_size * accumulation
+            batches = [train.make_batch([(first + m * batch_size + i, 0) for i in range(batch_size)],
                                         captions, image_tokens, 50256)
-                       for m in range(args.accumulate_grad_batches)]
+                       for m in range(accumulation)]
             loss, window_tokens = train.accumulate_gradients(model, batches, scaler, run)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,9 +90,9 @@ def main(args):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        captions_per_s = args.steps * args.batch_size * args.accumulate_grad_batches / seconds
+        captions_per_s = args.steps * batch_size * accumulation / seconds
         memory = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else float("nan")
-        print(f"| {precision} | {1000 * seconds / args.steps:.0f} | {captions_per_s:.0f} | {tokens / seconds:.0f} | "
+        print(f"| {batch_size} x {accumulation} | {precision} | {1000 * seconds / args.steps:.0f} | {captions_per_s:.0f} | {tokens / seconds:.0f} | "
               f"{memory:.1f} | {KARPATHY_TRAIN_CAPTIONS / captions_per_s / 60:.1f} |", flush=True)
         del model, optimizer
 
