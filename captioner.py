@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -279,26 +280,29 @@ class CaptionModel(nn.Module):
         -> logits (N, V) for the next token, and the updated cache."""
         output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
                               use_cache=True, **{_cache_argument(self.decoder): cache})
-        return output.logits[:, -1], output[_cache_argument(self.decoder)]
+        # transformers 5.24 calls the output field `cache` too; earlier releases `past_key_values`
+        return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def _cache_argument(decoder) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache`, in the arguments and in the output (the old
-    # name still works, with a warning); GPU machines run 5.17, which knows only the old name.
+    # transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still works, with a
+    # warning, until 5.40); GPU machines run 5.17, which knows only the old name.
     import inspect
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    parameters = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
     """A new caption model whose decoder starts from a pretrained GPT-2-family LM (a hub name or a local
     directory holding a saved model and tokenizer). The cross-attention layers start random.
     Returns (model, tokenizer)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     source = LANGUAGE_MODELS.get(language_model, language_model)
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type != "gpt2":
+        raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
-    if decoder.config.model_type != "gpt2":
-        raise ValueError(f"{language_model}: a GPT-2-family model is needed, got {decoder.config.model_type!r}")
     decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
     config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
                              decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
@@ -419,28 +423,29 @@ def atomic_torch_save(obj, path: str):
         raise
 
 
-def safe_torch_load(path: str, expected_format: str) -> dict:
+def safe_torch_load(path: str, expected_format: str, expected_version: int = ARCHIVE_VERSION) -> dict:
     """torch.load(weights_only=True) with errors that name the file and the problem."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # the safe unpickler names the class or function it refused
+        # the safe unpickler names the class or function it refused ("Unsupported global: GLOBAL x.y")
+        refused = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
+        if "Weights only load failed" not in str(e) or refused is None:
             raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)") from None
-        first_line = str(e).strip().splitlines()[-1][:200]
-        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects (such as a whole "
-                           f"pickled model), which could run arbitrary code. Only plain-data files written by "
-                           f"this project are accepted; nothing in the file was executed. ({first_line})") from None
+        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects ({refused.group(0)}), "
+                           f"which could run arbitrary code. Only plain-data files written by this project are "
+                           f"accepted; nothing in the file was executed.") from None
     except Exception as e:  # torch raises many kinds on damaged input (RuntimeError, EOFError, KeyError, ...)
         raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): "
                            f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")
-    if obj.get("version") != ARCHIVE_VERSION:
+    if obj.get("version") != expected_version:
         raise ArchiveError(f"{path}: {expected_format} version {obj.get('version')!r} is not supported "
-                           f"(this code reads version {ARCHIVE_VERSION})")
+                           f"(this code reads version {expected_version})")
     return obj
 
 
@@ -476,8 +481,8 @@ def load_model(path: str):
         model = CaptionModel(config)
         model.load_state_dict(archive["state_dict"], strict=True)
         tokenizer = tokenizer_from_data(archive["tokenizer"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ArchiveError(f"{path}: damaged model archive: {e}") from None
+    except Exception as e:  # missing keys, wrong shapes, a tokenizer that does not parse
+        raise ArchiveError(f"{path}: damaged model archive: {type(e).__name__}: {str(e)[:300]}") from None
     return model.eval(), tokenizer, archive
 
 

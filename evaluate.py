@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sacrebleu.metrics import BLEU
 
-from captioner import ArchiveError, beam_search, default_device, ids_to_text, load_backbone, load_model
+from captioner import ArchiveError, beam_search, default_device, ids_to_text, load_model
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- decoding ----
@@ -51,6 +51,7 @@ COCO_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _BRACKET_NAMES = set(_BRACKETS.values())
 _ABBREVIATION = re.compile(r"^[a-z](\.[a-z])+\.?$|^(mr|mrs|ms|dr|st|jr|sr|vs|etc|co|inc|ltd|mt|ft|no)\.$")
+_CLITIC = re.compile(r"n't|'(s|re|ll|d|m|ve)")  # a clitic standing alone ("dog 's") is kept whole
 _CONTRACTION = re.compile(r"(?<=[a-z])(n't|'s|'re|'ll|'d|'m|'ve)$")
 _SPECIAL = {"can't": ["ca", "n't"], "won't": ["wo", "n't"], "cannot": ["can", "not"], "gonna": ["gon", "na"],
             "wanna": ["wan", "na"], "gotta": ["got", "ta"]}
@@ -73,7 +74,7 @@ def coco_tokenize(text: str) -> list[str]:
             tokens.append(word)
             continue
         leading = []
-        while word[:1] in ("'", "`", ".", "-") and len(word) > 1 and not _CONTRACTION.match("x" + word):
+        while word[:1] in ("'", "`", ".", "-") and len(word) > 1 and not _CLITIC.fullmatch(word):
             leading.append(word[0])
             word = word[1:]
         trailing = []
@@ -203,6 +204,8 @@ def main(args):
               f"| {r['seconds']:.1f} |")
     os.makedirs(out_dir, exist_ok=True)
     metrics = {"split": args.split, "images": len(items), "checkpoint": os.path.abspath(args.checkpoint),
+               "data_dir": os.path.abspath(args.data_dir), "max_length": args.max_length,
+               "length_penalty": args.length_penalty, "model": archive["metadata"],
                "sacrebleu_signature": signature, "results": results}
     _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     _atomic_write_text(os.path.join(out_dir, "captions.jsonl"), "\n".join(lines) + "\n")

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def read_karpathy(data_dir: str, split: str) -> list[dict]:
 
 def _backbone_fingerprint(backbone_name: str):
     """A local backbone directory can change under the same name: fold its files' sizes and times in."""
-    folder = backbone_name.split(":", 1)[-1]
+    folder = backbone_name[len("clip:"):] if backbone_name.startswith("clip:") else ""
     if not os.path.isdir(folder):
         return backbone_name
     files = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
@@ -83,9 +84,18 @@ def _backbone_fingerprint(backbone_name: str):
     return [os.path.abspath(folder), files]
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1  # missing: embedding will name the file
+
+
 def cache_paths(cache_dir: str, split: str, backbone_name: str, grid: int, items: list[dict]):
+    # Which files, where, and how big: a second copy of a dataset with other (say, resized) images gets its own
+    # cache. Sizes rather than times, so that copying a dataset keeps its cache valid.
     identity = {"version": CACHE_VERSION, "backbone": _backbone_fingerprint(backbone_name), "grid": grid,
-                "images": [[item["cocoid"], item["filename"]] for item in items]}
+                "images": [[item["cocoid"], os.path.abspath(item["path"]), _file_size(item["path"])] for item in items]}
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone_name.split("/")[-1])
     stem = os.path.join(cache_dir, f"{split}-{slug}-grid{grid}-{key}")
@@ -120,7 +130,8 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
             with open(meta_path) as f:
                 meta = json.load(f)
             tokens = np.load(npy_path, mmap_mode="r")
-            if meta.get("key") == key and tokens.dtype == np.float16 and tokens.shape[:2] == (len(items), K):
+            if meta.get("key") == key and tokens.dtype == np.float16 and list(tokens.shape) == meta.get("shape") \
+                    and tokens.shape[:2] == (len(items), K):
                 return tokens, meta
             print(f"embedding cache {npy_path} does not match its description; rebuilding it")
         except (OSError, ValueError, json.JSONDecodeError) as e:
@@ -161,11 +172,16 @@ def default_cache_dir() -> str:
 
 def _atomic_write_text(path: str, text: str):
     tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,10 +318,10 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
                         f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} ms/step "
                         f"{record['tokens_per_s']:.0f} tokens/s")
             interval = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time()}
-        if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
+        stop = args.stop_after_steps and state["step"] >= state["start_step"] + args.stop_after_steps
+        if stop or (args.checkpoint_every and state["step"] % args.checkpoint_every == 0):
             save_checkpoint(args, model, optimizer, scaler, state, data["tokenizer"])
-        if args.stop_after_steps and state["step"] >= state["start_step"] + args.stop_after_steps:
-            save_checkpoint(args, model, optimizer, scaler, state, data["tokenizer"])
+        if stop:
             return False
     return True
 
@@ -338,7 +354,9 @@ def autocast_context(args):
 
 # Settings that a resumed run must share with the run it continues (others, like --max-epochs, may change).
 RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size", "accumulate_grad_batches",
-                     "seed", "one_caption_per_image", "train_padding", "max_caption_tokens", "data_dir")
+                     "seed", "one_caption_per_image", "train_padding", "max_caption_tokens", "data_dir",
+                     "max_epochs", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio", "weight_decay",
+                     "grad_clip", "beam_size", "max_length")
 
 
 def rng_states() -> dict:
@@ -346,7 +364,7 @@ def rng_states() -> dict:
     return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
             "numpy": [numpy_state[0], numpy_state[1].tolist(), numpy_state[2], numpy_state[3], numpy_state[4]],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_states(states: dict):
@@ -355,33 +373,48 @@ def set_rng_states(states: dict):
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save_checkpoint(args, model, optimizer, scaler, state, tokenizer):
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": vars_to_plain(model.config.__dict__),
+        "config": asdict(model.config),
         "tokenizer": tokenizer_to_data(tokenizer),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "state": {k: state[k] for k in ("step", "epoch", "step_in_epoch", "best_bleu4")},
         "rng": rng_states(),
-        "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("max_epochs", "lr", "lr_schedule")},
+        "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision",)},
     }
     atomic_torch_save(checkpoint, os.path.join(args.out_dir, "checkpoint.pt"))
 
 
-def vars_to_plain(d: dict) -> dict:
-    return json.loads(json.dumps(d))
+def trim_log(log_path: str, last_step: int):
+    """On resume, drop log records of steps after the checkpoint: those steps are about to run again."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by the interruption
+    if len(kept) != len(lines):
+        _atomic_write_text(log_path, "".join(kept))
+        print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {last_step}, which run again now")
 
 
 def load_checkpoint(args):
     path = os.path.join(args.out_dir, "checkpoint.pt")
-    checkpoint = safe_torch_load(path, CHECKPOINT_FORMAT)
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ArchiveError(f"{path}: checkpoint version {checkpoint.get('version')} is not supported")
+    checkpoint = safe_torch_load(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    missing = {"model", "config", "tokenizer", "optimizer", "scaler", "state", "rng", "args"} - set(checkpoint)
+    if missing:
+        raise ArchiveError(f"{path}: damaged checkpoint: no {', '.join(sorted(missing))}")
     different = {k: (checkpoint["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
                  if checkpoint["args"].get(k) != getattr(args, k)}
     if different:
@@ -463,8 +496,8 @@ def check_args(args, parser):
                  "max_length", "log_interval", "max_caption_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.image_grid < 0 or args.lr <= 0 or not 0 <= args.warmup_fraction < 1:
-        parser.error("--image-grid must be >= 0, --lr > 0 and --warmup-fraction in [0, 1)")
+    if args.image_grid < 0 or args.lr <= 0 or args.grad_clip <= 0 or not 0 <= args.warmup_fraction < 1:
+        parser.error("--image-grid must be >= 0, --lr and --grad-clip > 0, and --warmup-fraction in [0, 1)")
     args.device = args.device or default_device()
     if args.precision == "16" and torch.device(args.device).type != "cuda":
         print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
@@ -474,25 +507,24 @@ def check_args(args, parser):
 
 
 def main(args):
-    out_files = [os.path.join(args.out_dir, f) for f in ("checkpoint.pt", "model.pt", "log.jsonl")]
-    if args.resume and not os.path.isfile(out_files[0]):
-        raise SystemExit(f"error: --resume: {out_files[0]} does not exist")
-    if not args.resume and any(os.path.exists(f) for f in out_files):
-        if not args.overwrite:
-            raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it, "
-                             f"--overwrite to replace it, or choose another --out-dir")
-        for f in out_files:
-            if os.path.exists(f):
-                os.remove(f)
-    os.makedirs(args.out_dir, exist_ok=True)
+    run_files = [os.path.join(args.out_dir, f)
+                 for f in ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")]
+    if args.resume and not os.path.isfile(run_files[0]):
+        raise SystemExit(f"error: --resume: {run_files[0]} does not exist")
+    if not args.resume and not args.overwrite and any(os.path.exists(f) for f in run_files):
+        raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out-dir")
     checkpoint = load_checkpoint(args) if args.resume else None
 
     # data: captions and cached image tokens
     splits = {split: read_karpathy(args.data_dir, split) for split in ("train", "val")}
     if checkpoint:
-        model = CaptionModel(CaptionerConfig(**checkpoint["config"]))
-        tokenizer = tokenizer_from_data(checkpoint["tokenizer"])
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model = CaptionModel(CaptionerConfig(**checkpoint["config"]))
+            model.load_state_dict(checkpoint["model"])
+            tokenizer = tokenizer_from_data(checkpoint["tokenizer"])
+        except Exception as e:
+            raise ArchiveError(f"{args.out_dir}/checkpoint.pt: damaged checkpoint: {e}") from None
     get_backbone = functools.cache(lambda: load_backbone(args.vision_backbone))  # loaded only if a cache is built
     tokens, cache_meta = {}, {}
     for split, items in splits.items():
@@ -510,6 +542,10 @@ def main(args):
     if not checkpoint:
         model, tokenizer = build_model(args.language_model, args.vision_backbone,
                                        image_width=tokens["train"].shape[2], image_grid=args.image_grid)
+    positions = model.decoder.config.n_positions
+    if max(args.max_caption_tokens, args.max_length) > positions:
+        raise SystemExit(f"error: {args.language_model} reads at most {positions} tokens; lower "
+                         f"--max-caption-tokens ({args.max_caption_tokens}) and --max-length ({args.max_length})")
     model.to(args.device)
     if torch.device(args.device).type == "cuda":
         # TF32 matmuls for the fp32 parts (all of --precision 32): ~fp32 accuracy at tensor-core speed
@@ -524,7 +560,10 @@ def main(args):
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_bleu4": -1.0}
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"] and scaler.is_enabled():  # empty when the run so far was not fp16
+            scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["args"]["precision"] != args.precision:
+            print(f"note: the run so far used --precision {checkpoint['args']['precision']}, now {args.precision}")
         state.update(checkpoint["state"])
         set_rng_states(checkpoint["rng"])
     state["start_step"] = state["step"]
@@ -548,7 +587,15 @@ def main(args):
     if checkpoint:
         print(f"resuming at epoch {state['epoch']}, step {state['step']} ({state['step_in_epoch']} into the epoch)")
 
+    # Everything is in place: only now replace an old run (--overwrite) or forget what followed the checkpoint.
+    os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
+    if args.overwrite and not args.resume:
+        for f in run_files:
+            if os.path.exists(f):
+                os.remove(f)
+    if checkpoint:
+        trim_log(log_path, state["step"])
 
     def log(record, line):
         print(line, flush=True)
@@ -563,7 +610,7 @@ def main(args):
         if not train_one_epoch(model, optimizer, scaler, data["train"], epoch, state, total_steps, args, log):
             print(f"stopped after {args.stop_after_steps} steps; continue with --resume")
             return
-        # validation: teacher-forced loss and BLEU-4 of real decoding, with model.eval() set here by the caller
+        # validation: teacher-forced loss and BLEU-4 of real decoding (decoding leaves the mode to its caller)
         model.eval()
         val_loss = validation_loss(model, data["val"], args)
         captions = decode_image_tokens(model, tokenizer, data["val"]["tokens"], args.beam_size, args.device,
@@ -577,11 +624,11 @@ def main(args):
             save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, preprocessing,
                        {"epoch": epoch, "step": state["step"], "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
                         "beam_size": args.beam_size})
-        save_checkpoint(args, model, optimizer, scaler, state, tokenizer)
         log({"type": "epoch", "epoch": epoch, "step": state["step"], "val_loss": val_loss, "val_bleu4": val_bleu4,
              "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
             f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"
             f"{' (best so far, saved model.pt)' if best else ''}; e.g. {captions[0]!r}")
+        save_checkpoint(args, model, optimizer, scaler, state, tokenizer)
     print(f"done: best val BLEU-4 {state['best_bleu4']:.4f}; model in {args.out_dir}/model.pt")
 
 

@@ -38,6 +38,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache,
                          "--stop-after-steps", "2"))  # stops inside the first epoch
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2]
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if it had crashed after the checkpoint: steps
+        f.write(json.dumps({"type": "train", "step": 3, "loss": 1.0}) + '\n{"type": "tr')  # to run again
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache,
                          "--resume", "--stop-after-steps", "2"))  # stops inside the second epoch
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "b", cache, "--resume"))
@@ -85,6 +87,7 @@ def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder
     (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: efficientnet-lite0"),
     ([], "blip:base: BLIP base"),  # the default until BLIP lands: a clear error listing what exists
     (["--vision-backbone", "efficientnet-lite0", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--vision-backbone", "efficientnet-lite0", "--grad-clip", "0"], "--grad-clip > 0"),
 ])
 def test_bad_arguments_fail_at_parsing(argv, message, capsys):
     parser = train.get_args_parser()
