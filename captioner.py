@@ -405,15 +405,15 @@ class ArchiveError(ValueError):
     """A file that is not a loadable, plain-data captioner archive or checkpoint."""
 
 
-def atomic_torch_save(obj, path: str):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves
-    either the old file or the new one, never half of one."""
+def atomic_write(path: str, write):
+    """Call write(binary file) on a temporary file in the same folder, fsync, then rename it over `path`: a
+    crash leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -421,6 +421,10 @@ def atomic_torch_save(obj, path: str):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def atomic_torch_save(obj, path: str):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: str, expected_format: str, expected_version: int = ARCHIVE_VERSION) -> dict:

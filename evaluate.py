@@ -24,6 +24,7 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from captioner import ArchiveError, beam_search, default_device, ids_to_text, load_model
+from train import atomic_write_text, cached_image_tokens, default_cache_dir, read_karpathy
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- decoding ----
@@ -165,7 +166,6 @@ def get_args_parser():
 
 
 def main(args):
-    from train import _atomic_write_text, cached_image_tokens, default_cache_dir, read_karpathy
     if min(args.beam_size) < 1 or args.max_length < 1 or args.batch_size < 1:
         raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1")
     device = args.device or default_device()
@@ -207,8 +207,8 @@ def main(args):
                "data_dir": os.path.abspath(args.data_dir), "max_length": args.max_length,
                "length_penalty": args.length_penalty, "model": archive["metadata"],
                "sacrebleu_signature": signature, "results": results}
-    _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1))
-    _atomic_write_text(os.path.join(out_dir, "captions.jsonl"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1))
+    atomic_write_text(os.path.join(out_dir, "captions.jsonl"), "\n".join(lines) + "\n")
     print(f"wrote {out_dir}/metrics.json and {out_dir}/captions.jsonl")
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, build_model,
-                       check_backbone_name, default_device, load_backbone, preprocess_image,
+from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, atomic_write,
+                       build_model, check_backbone_name, default_device, load_backbone, preprocess_image,
                        safe_torch_load, save_model, tokenizer_from_data, tokenizer_to_data)
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
@@ -159,7 +159,7 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
         raise
     meta = {"key": key, "split": split, "backbone": backbone_name, "grid": grid, "images": len(items),
             "shape": [len(items), K, backbone.width], "preprocessing": backbone.preprocessing}
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     print(f"embedded {len(items)} {split} images in {time.time() - start_time:.0f}s "
           f"({len(items) / (time.time() - start_time):.1f} images/s) -> {npy_path}")
     return np.load(npy_path, mmap_mode="r"), meta
@@ -170,18 +170,8 @@ def default_cache_dir() -> str:
     return os.path.join(base, "captioner", "embeddings")
 
 
-def _atomic_write_text(path: str, text: str):
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+def atomic_write_text(path: str, text: str):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,7 +395,7 @@ def trim_log(log_path: str, last_step: int):
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut short by the interruption
     if len(kept) != len(lines):
-        _atomic_write_text(log_path, "".join(kept))
+        atomic_write_text(log_path, "".join(kept))
         print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {last_step}, which run again now")
 
 

@@ -94,3 +94,16 @@ def test_command_line_prints_path_and_caption(archive, tiny_dataset):
     bad = subprocess.run([sys.executable, "captioner.py", "--checkpoint", images[0], images[0]],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert bad.returncode != 0 and "not a readable PyTorch file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
+    # a 1024-d backbone (CLIP ViT-L) in front of a 32-d decoder: nothing about either width is hard-coded
+    model, tokenizer = build_model(small_decoder_dir, "clip:ViT-L/14", image_width=1024, image_grid=3)
+    tokens = torch.randn(2, 10, 1024)
+    assert model(tokens, torch.randint(0, 50257, (2, 5))).shape == (2, 5, 50257)
+    save_model(str(tmp_path / "m.pt"), model, tokenizer, {"size": 224})
+    loaded, _, _ = load_model(str(tmp_path / "m.pt"))
+    ids, _ = beam_search(loaded, tokens, beam_size=2, max_length=4)
+    assert ids.shape[0] == 2
+    with pytest.raises(ValueError, match=r"expected image tokens of shape \(B, 10, 1024\), got \(2, 10, 768\)"):
+        loaded(torch.randn(2, 10, 768), torch.zeros(2, 3, dtype=torch.long))
