@@ -243,6 +243,7 @@ class CaptionModel(nn.Module):
         if not decoder.config.add_cross_attention:
             raise ValueError("the decoder must be built with add_cross_attention=True")
         self.decoder = decoder
+        self.cache_argument = _cache_argument(decoder)
         width = decoder.config.n_embd
         self.image_projection = nn.Linear(config.image_width, width)
         # a learned embedding per image-token slot, so the decoder can tell the global token from each
@@ -279,7 +280,7 @@ class CaptionModel(nn.Module):
         """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
         -> logits (N, V) for the next token, and the updated cache."""
         output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
-                              use_cache=True, **{_cache_argument(self.decoder): cache})
+                              use_cache=True, **{self.cache_argument: cache})
         # transformers 5.24 calls the output field `cache` too; earlier releases `past_key_values`
         return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
 
@@ -297,12 +298,22 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
     directory holding a saved model and tokenizer). The cross-attention layers start random.
     Returns (model, tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
     source = LANGUAGE_MODELS.get(language_model, language_model)
     model_type = AutoConfig.from_pretrained(source).model_type
     if model_type != "gpt2":
         raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
+    # transformers reports every cross-attention weight as "missing" (they are new, so that is expected);
+    # quiet it for this one call and say it once, plainly
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} cross-attention "
+          f"layers start from random weights")
     decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
     config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
                              decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
