@@ -374,7 +374,7 @@ def save_checkpoint(args, model, optimizer, scaler, state, tokenizer):
         "config": asdict(model.config),
         "tokenizer": tokenizer_to_data(tokenizer),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "state": {k: state[k] for k in ("step", "epoch", "step_in_epoch", "best_bleu4")},
+        "state": {k: state[k] for k in ("step", "epoch", "step_in_epoch", "best_bleu4", "best_val_loss")},
         "rng": rng_states(),
         "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision",)},
     }
@@ -547,7 +547,7 @@ def main(args):
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.precision == "16")
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_bleu4": -1.0}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_bleu4": -1.0, "best_val_loss": math.inf}
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] and scaler.is_enabled():  # empty when the run so far was not fp16
@@ -607,10 +607,11 @@ def main(args):
                                        args.eval_batch_size, args.max_length)
         val_bleu4 = bleu4_coco(captions, [item["captions"] for item in splits["val"]])
         model.train()
-        best = val_bleu4 > state["best_bleu4"]
+        # best by validation BLEU-4; ties (0.0 early on, say) go to the lower validation loss
+        best = (val_bleu4, -val_loss) > (state["best_bleu4"], -state["best_val_loss"])
         state.update(epoch=epoch + 1, step_in_epoch=0)
         if best:
-            state["best_bleu4"] = val_bleu4
+            state["best_bleu4"], state["best_val_loss"] = val_bleu4, val_loss
             save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, preprocessing,
                        {"epoch": epoch, "step": state["step"], "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
                         "beam_size": args.beam_size})
