@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train  # noqa: E402
 from captioner import CaptionModel, CaptionerConfig
 
-KARPATHY_TRAIN_CAPTIONS = 566_747  # train + restval, 113,287 images
+KARPATHY_TRAIN_CAPTIONS = 566_747  # about that many: train + restval, 113,287 images with 5 or more each
 
 
 def get_args_parser():
