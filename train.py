@@ -1,9 +1,9 @@
 """
 Train a caption decoder on frozen image embeddings.
 
-    python train.py --data-dir data/coco                      # the original's defaults
+    python train.py --data-dir data/coco --vision-backbone clip:ViT-B/32   # the original's other defaults
     python train.py --data-dir ../shared/coco-mini --vision-backbone efficientnet-lite0 \
-        --language-model small-decoder --lr 1e-3             # offline, on a CPU
+        --language-model runs/small-decoder --lr 1e-3        # offline, on a CPU (see tools/)
 
 Reads a Karpathy-format dataset, computes the backbone's image tokens once per split (cached on disk in
 fp16, memory-mapped), then runs a hand-rolled loop: autocast (fp16 + GradScaler, bf16 or fp32), gradient
