@@ -542,7 +542,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     data = {split: {"captions": tokenize_captions(tokenizer, items, args.max_caption_tokens),
-                    "tokens": tokens[split], "eos": tokenizer.eos_token_id, "tokenizer": tokenizer, "items": items}
+                    "tokens": tokens[split], "eos": tokenizer.eos_token_id, "tokenizer": tokenizer}
             for split, items in splits.items()}
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
