@@ -10,9 +10,14 @@ fp16, memory-mapped), then runs a hand-rolled loop: autocast (fp16 + GradScaler,
 accumulation whose gradient equals the one big batch, AdamW with warmup + cosine, clipping. After every epoch
 it measures validation loss and BLEU-4 (real decoding) and keeps the best epoch in OUT/model.pt; the full
 training state goes to OUT/checkpoint.pt so that --resume continues exactly where the run stopped.
+
+Several GPUs: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel; every optimizer step
+then sees batch size x accumulation x N captions, and rank 0 alone logs, evaluates and writes files.
 """
 
 import argparse
+import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -24,7 +29,9 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, atomic_write,
@@ -248,23 +255,37 @@ def sequence_loss_sum(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def accumulate_gradients(model, batches, scaler, args):
-    """Forward and backward over one optimizer step's micro-batches -> (mean token loss tensor, tokens).
+def accumulate_gradients(model, batches, scaler, args, weight: float = 1.0):
+    """Forward and backward over this process's micro-batches of one optimizer step -> (mean token loss of
+    the whole window, over all processes, as a tensor; caption tokens in the window).
     Each micro-batch's summed token loss is divided by the caption tokens of the whole window, so the
     accumulated gradient equals that of the one big batch's mean token loss, however the tokens are split
-    across micro-batches (a plain mean per micro-batch would over-weight short ones)."""
-    window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches)
+    across micro-batches and processes (a plain mean per micro-batch would over-weight short ones).
+    weight=0 runs a batch for its shape only: a process with no captions left in the last window must still
+    join the gradient all-reduce."""
+    window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches) * int(weight != 0)
     window_loss = torch.zeros((), device=args.device)
-    for image_tokens, input_ids, labels in batches:
+    if args.world_size > 1:
+        counts = torch.tensor([float(window_tokens)], device=args.device)
+        dist.all_reduce(counts)  # SUM over processes
+        window_tokens = int(counts.item())
+    # DDP averages gradients over processes; multiplying by the world size turns that average into the sum.
+    scale = weight * args.world_size / window_tokens
+    for k, (image_tokens, input_ids, labels) in enumerate(batches):
         positions, targets = labelled_positions(labels)  # on the CPU, where no synchronisation is needed
         image_tokens, input_ids = image_tokens.to(args.device, non_blocking=True), input_ids.to(args.device, non_blocking=True)
         positions, targets = positions.to(args.device, non_blocking=True), targets.to(args.device, non_blocking=True)
-        with autocast_context(args):
-            logits = model(image_tokens, input_ids, positions)  # (N, V), N = caption tokens
-        loss = sequence_loss_sum(logits, targets) / window_tokens
-        scaler.scale(loss).backward()
+        # DDP all-reduces gradients during backward; once per optimizer step is enough: the last micro-batch
+        last = k == len(batches) - 1
+        with model.no_sync() if args.world_size > 1 and not last else contextlib.nullcontext():
+            with autocast_context(args):
+                logits = model(image_tokens, input_ids, positions)  # (N, V), N = caption tokens
+            loss = sequence_loss_sum(logits, targets) * scale
+            scaler.scale(loss).backward()
         window_loss += loss.detach()
-    return window_loss, window_tokens
+    if args.world_size > 1:
+        dist.all_reduce(window_loss)  # every process sees the same loss, so all stop together if it is bad
+    return window_loss / args.world_size, window_tokens
 
 
 def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, log):
@@ -272,18 +293,21 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
     stop early (--stop-after-steps), True when the epoch is complete."""
     model.train()
     pairs = epoch_order(data["captions"], epoch, args.seed, args.one_caption_per_image)
-    micro_batches = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
-    # Windows of accumulate_grad_batches micro-batches; the last, shorter window is kept, not dropped.
-    windows = [micro_batches[i:i + args.accumulate_grad_batches]
-               for i in range(0, len(micro_batches), args.accumulate_grad_batches)]
+    # A window is one optimizer step: batch size x accumulation x world size captions; the last, shorter
+    # window is kept, not dropped. Process r takes every world_size-th caption of it, in micro-batches.
+    window_size = args.batch_size * args.accumulate_grad_batches * args.world_size
+    windows = [pairs[i:i + window_size] for i in range(0, len(pairs), window_size)]
     interval = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time()}
     for window_index in range(state["step_in_epoch"], len(windows)):
         lr = get_lr(state["step"], total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [make_batch(p, data["captions"], data["tokens"], data["eos"], args.train_padding)
-                   for p in windows[window_index]]
-        window_loss, window_tokens = accumulate_gradients(model, batches, scaler, args)
+        mine = windows[window_index][args.rank::args.world_size]
+        weight = 1.0 if mine else 0.0
+        mine = mine or windows[window_index][:1]
+        batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
+                              args.train_padding) for i in range(0, len(mine), args.batch_size)]
+        window_loss, window_tokens = accumulate_gradients(model, batches, scaler, args, weight)
         loss_value = float(window_loss)  # checked before the step, so a bad loss never reaches the weights
         if not math.isfinite(loss_value):
             raise SystemExit(f"error: the training loss is {loss_value} at step {state['step']} (epoch {epoch}); "
@@ -344,6 +368,7 @@ def autocast_context(args):
 
 # Settings that a resumed run must share with the run it continues (others, like --max-epochs, may change).
 RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size", "accumulate_grad_batches",
+                     "world_size",
                      "seed", "one_caption_per_image", "train_padding", "max_caption_tokens", "data_dir",
                      "max_epochs", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio", "weight_decay",
                      "grad_clip", "beam_size", "max_length")
@@ -368,6 +393,14 @@ def set_rng_states(states: dict):
 
 
 def save_checkpoint(args, model, optimizer, scaler, state, tokenizer):
+    """Called by every process (each contributes its RNG state); rank 0 writes OUT/checkpoint.pt."""
+    model = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    states = [rng_states()]
+    if args.world_size > 1:
+        states = [None] * args.world_size
+        dist.all_gather_object(states, rng_states())
+    if args.rank != 0:
+        return
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -375,7 +408,7 @@ def save_checkpoint(args, model, optimizer, scaler, state, tokenizer):
         "tokenizer": tokenizer_to_data(tokenizer),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "state": {k: state[k] for k in ("step", "epoch", "step_in_epoch", "best_bleu4", "best_val_loss")},
-        "rng": rng_states(),
+        "rng": states,  # one per process
         "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision",)},
     }
     atomic_torch_save(checkpoint, os.path.join(args.out_dir, "checkpoint.pt"))
@@ -411,6 +444,29 @@ def load_checkpoint(args):
         raise SystemExit(f"error: {path} was written with other settings; resume with the same ones: " +
                          ", ".join(f"--{k.replace('_', '-')} {old!r} (now {new!r})" for k, (old, new) in different.items()))
     return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- several processes (torchrun) ----
+
+def setup_distributed(args):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process, rank 0 of 1.
+    Sets args.rank, args.world_size and, on CUDA, args.device to this process's GPU."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    if args.world_size == 1:
+        return
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    # gloo runs on CPUs (and the test); rank 0 may evaluate or embed images for a while between collectives
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+
+def barrier(args):
+    if args.world_size > 1:
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,6 +553,17 @@ def check_args(args, parser):
 
 
 def main(args):
+    setup_distributed(args)
+    try:
+        run_training(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_training(args):
+    is_main = args.rank == 0  # logs, evaluates and writes files
+    say = print if is_main else (lambda *a, **k: None)
     run_files = [os.path.join(args.out_dir, f)
                  for f in ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")]
     if args.resume and not os.path.isfile(run_files[0]):
@@ -518,9 +585,13 @@ def main(args):
     get_backbone = functools.cache(lambda: load_backbone(args.vision_backbone))  # loaded only if a cache is built
     tokens, cache_meta = {}, {}
     for split, items in splits.items():
+        if not is_main:
+            barrier(args)  # rank 0 builds the cache; the others then open it
         tokens[split], cache_meta[split] = cached_image_tokens(
             items, split, args.vision_backbone, args.image_grid, args.cache_dir, args.device,
             num_workers=args.num_workers, get_backbone=get_backbone)
+        if is_main:
+            barrier(args)
     get_backbone.cache_clear()  # frozen and cached: the backbone is not needed for training
     preprocessing = cache_meta["train"]["preprocessing"]  # stored in model.pt, checked when it is loaded
 
@@ -532,6 +603,8 @@ def main(args):
     if not checkpoint:
         model, tokenizer = build_model(args.language_model, args.vision_backbone,
                                        image_width=tokens["train"].shape[2], image_grid=args.image_grid)
+    # Every process starts from the same weights, but each must draw its own dropout masks.
+    torch.manual_seed(args.seed + args.rank)
     positions = model.decoder.config.n_positions
     if max(args.max_caption_tokens, args.max_length) > positions:
         raise SystemExit(f"error: {args.language_model} reads at most {positions} tokens; lower "
@@ -555,39 +628,47 @@ def main(args):
         if checkpoint["args"]["precision"] != args.precision:
             print(f"note: the run so far used --precision {checkpoint['args']['precision']}, now {args.precision}")
         state.update(checkpoint["state"])
-        set_rng_states(checkpoint["rng"])
+        set_rng_states(checkpoint["rng"][args.rank])
     state["start_step"] = state["step"]
+    # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
+    train_model = model
+    if args.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[torch.device(args.device)] if
+                                              torch.device(args.device).type == "cuda" else None)
 
     train_captions = sum(len(c) for c in data["train"]["captions"])
     captions_per_epoch = len(splits["train"]) if args.one_caption_per_image else train_captions
-    micro_per_epoch = math.ceil(captions_per_epoch / args.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / args.accumulate_grad_batches)
+    effective_batch = args.batch_size * args.accumulate_grad_batches * args.world_size
+    steps_per_epoch = math.ceil(captions_per_epoch / effective_batch)
     total_steps = steps_per_epoch * args.max_epochs
     params = sum(p.numel() for p in model.parameters())
-    print(f"device {args.device}, precision {args.precision}, decoder {args.language_model} "
+    say(f"device {args.device}, precision {args.precision}, decoder {args.language_model} "
           f"({params / 1e6:.1f}M parameters), backbone {args.vision_backbone}, "
           f"{model.config.num_image_tokens} image tokens per image")
-    print(f"train {len(splits['train'])} images / {train_captions} captions, val {len(splits['val'])} images; "
+    say(f"train {len(splits['train'])} images / {train_captions} captions, val {len(splits['val'])} images; "
           f"{captions_per_epoch} captions per epoch")
-    print(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} = "
-          f"{args.batch_size * args.accumulate_grad_batches} captions; {steps_per_epoch} optimizer steps per epoch, "
+    say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {args.world_size} process"
+        f"{'es' if args.world_size > 1 else ''} = {effective_batch} captions; {steps_per_epoch} optimizer steps per epoch, "
           f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
-    print(f"outputs: {args.out_dir}/model.pt (best epoch by val BLEU-4), checkpoint.pt, log.jsonl; "
+    say(f"outputs: {args.out_dir}/model.pt (best epoch by val BLEU-4), checkpoint.pt, log.jsonl; "
           f"embedding cache {args.cache_dir}")
     if checkpoint:
-        print(f"resuming at epoch {state['epoch']}, step {state['step']} ({state['step_in_epoch']} into the epoch)")
+        say(f"resuming at epoch {state['epoch']}, step {state['step']} ({state['step_in_epoch']} into the epoch)")
 
     # Everything is in place: only now replace an old run (--overwrite) or forget what followed the checkpoint.
-    os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    if args.overwrite and not args.resume:
-        for f in run_files:
-            if os.path.exists(f):
-                os.remove(f)
-    if checkpoint:
-        trim_log(log_path, state["step"])
+    if is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.overwrite and not args.resume:
+            for f in run_files:
+                if os.path.exists(f):
+                    os.remove(f)
+        if checkpoint:
+            trim_log(log_path, state["step"])
 
     def log(record, line):
+        if not is_main:
+            return
         print(line, flush=True)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -597,9 +678,14 @@ def main(args):
     for epoch in range(state["epoch"], args.max_epochs):
         state["epoch"] = epoch
         epoch_start = time.time()
-        if not train_one_epoch(model, optimizer, scaler, data["train"], epoch, state, total_steps, args, log):
-            print(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+        if not train_one_epoch(train_model, optimizer, scaler, data["train"], epoch, state, total_steps, args, log):
+            say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
             return
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        if not is_main:  # rank 0 alone evaluates; the others wait for it here, then all save the checkpoint
+            barrier(args)
+            save_checkpoint(args, model, optimizer, scaler, state, tokenizer)
+            continue
         # validation: teacher-forced loss and BLEU-4 of real decoding (decoding leaves the mode to its caller)
         model.eval()
         val_loss = validation_loss(model, data["val"], args)
@@ -609,7 +695,6 @@ def main(args):
         model.train()
         # best by validation BLEU-4; ties (0.0 early on, say) go to the lower validation loss
         best = (val_bleu4, -val_loss) > (state["best_bleu4"], -state["best_val_loss"])
-        state.update(epoch=epoch + 1, step_in_epoch=0)
         if best:
             state["best_bleu4"], state["best_val_loss"] = val_bleu4, val_loss
             save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, preprocessing,
@@ -619,8 +704,9 @@ def main(args):
              "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
             f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"
             f"{' (best so far, saved model.pt)' if best else ''}; e.g. {captions[0]!r}")
+        barrier(args)
         save_checkpoint(args, model, optimizer, scaler, state, tokenizer)
-    print(f"done: best val BLEU-4 {state['best_bleu4']:.4f}; model in {args.out_dir}/model.pt")
+    say(f"done: best val BLEU-4 {state['best_bleu4']:.4f}; model in {args.out_dir}/model.pt")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_accumulated_gradient_equals_the_one_big_batch(small_decoder_dir):
                 for n in (2, 9, 4, 14, 1, 6, 3, 11)]  # very different lengths on purpose
     image_tokens = np.random.default_rng(0).standard_normal((8, 2, 6)).astype(np.float16)
     pairs = [(i, 0) for i in range(8)]
-    args = SimpleNamespace(device="cpu", precision="32")
+    args = SimpleNamespace(device="cpu", precision="32", world_size=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def gradients(split):

