@@ -66,7 +66,7 @@ def main(args):
         model = CaptionModel(config).to(args.device).train()
         optimizer = train.make_optimizer(model, 1e-4, 0.01)
         scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=precision == "16")
-        run = SimpleNamespace(device=args.device, precision=precision)
+        run = SimpleNamespace(device=args.device, precision=precision, world_size=1)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         tokens = 0
