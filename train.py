@@ -484,6 +484,9 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
     todo = low + np.flatnonzero(done[low:high] == 0)
     if len(todo) == 0:
         return 0
+    if tokens.shape[2] != backbone.width:
+        raise ValueError(f"{cache.path('.partial.npy')}: made for tokens of width {tokens.shape[2]}, but "
+                         f"{cache.backbone} gives {backbone.width}")
     cuda = torch.device(device).type == "cuda"
     loader = torch.utils.data.DataLoader(ImageFiles(items, backbone.preprocessing), batch_size=batch_size,
                                          sampler=todo.tolist(), num_workers=num_workers, pin_memory=cuda,
@@ -502,7 +505,8 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
         if pending_rows:
             done[np.concatenate(pending_rows)] = np.concatenate(pending_status)
             done.flush()
-        pending_rows.clear(), pending_status.clear(), pending_errors.clear()
+        for pending in (pending_rows, pending_status, pending_errors):
+            pending.clear()
 
     start = last_flush = time.time()
     share = f" (rank {rank} of {world_size})" if world_size > 1 else ""

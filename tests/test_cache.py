@@ -162,6 +162,22 @@ def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_d
     assert meta["unreadable"] == [] and sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "a"))
 
 
+def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
+    items = train.read_karpathy(tiny_dataset, "val")
+    name = f"clip:{tiny_clip_dir}"
+    with pytest.raises(Interrupt):
+        train.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
+                                  get_backbone=lambda: counting(load_backbone(name), [], stop_after_batches=1))
+    cache = train.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    with open(cache.path(".partial.npy"), "r+b") as f:
+        f.truncate(200)
+    seen = []
+    tokens, _ = train.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
+                                          get_backbone=lambda: counting(load_backbone(name), seen))
+    assert "a damaged partial embedding cache" in capsys.readouterr().out and seen == [2, 2]
+    assert tokens.shape == (4, 5, 32) and all(tokens[i].any() for i in range(4))
+
+
 def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_dir, tmp_path):
     items = train.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
