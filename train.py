@@ -19,18 +19,26 @@ import argparse
 import contextlib
 import datetime
 import functools
+import glob
 import hashlib
+import http.client
+import io
 import json
 import math
 import os
 import random
+import shutil
 import time
-from dataclasses import asdict
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -40,14 +48,181 @@ from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
 CHECKPOINT_VERSION = 1
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- COCO download ----
+# What --data-dir lacks of COCO's Karpathy split is fetched with the standard library alone: Karpathy's split
+# file and the 2014 image archives, which stay zipped (read_karpathy reads images straight from them). Sizes
+# and SHA-256 as tensorflow/datasets pins them (tensorflow_datasets/url_checksums/coco_captions.txt). The
+# archives' sizes also appear in wget logs and other projects' pins; those pin MD5s for the same URLs
+# (train2014.zip 0da8c0bd3d6becc4dcb32757491aca88, val2014.zip a3d79f5ed8d289b7a7554ce06a5782b3, e.g.
+# salesforce/LAVIS), which one SHA-256 makes unnecessary. Tests point the entries at a local server.
+
+COCO_DOWNLOADS = {
+    "caption_datasets.zip": {"url": "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+                             "size": 36_745_453,
+                             "sha256": "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817"},
+    "train2014.zip": {"url": "http://images.cocodataset.org/zips/train2014.zip", "size": 13_510_573_713,
+                      "sha256": "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"},
+    "val2014.zip": {"url": "http://images.cocodataset.org/zips/val2014.zip", "size": 6_645_013_297,
+                    "sha256": "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"},
+}
+COCO_IMAGE_FOLDERS = ("train2014", "val2014")  # Karpathy's "filepath"s; train2014.zip holds train2014/<filename>
+DOWNLOAD_ATTEMPTS = 3  # connections per file and run, each resuming where the last one stopped
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def prepare_coco(data_dir: str):
+    """Download into data_dir what it lacks of COCO's Karpathy split: dataset_coco.json (from
+    caption_datasets.zip) if it is missing, and train2014.zip / val2014.zip for those of the two folders that
+    dataset_coco.json names and that are there neither as a folder nor zipped. Nothing for a dataset whose
+    dataset_coco.json and images are present. On several processes, call it on one and let the others wait."""
+    json_path = os.path.join(data_dir, "dataset_coco.json")
+    absent = [folder for folder in COCO_IMAGE_FOLDERS if not os.path.isdir(os.path.join(data_dir, folder))
+              and not os.path.isfile(os.path.join(data_dir, folder + ".zip"))]
+    if os.path.isfile(json_path) and absent:
+        absent = [folder for folder in absent if folder in _named_folders(json_path)]
+    names = ([] if os.path.isfile(json_path) else ["caption_datasets.zip"]) + [folder + ".zip" for folder in absent]
+    if not names:
+        return
+    to_fetch = [name for name in names if not os.path.isfile(os.path.join(data_dir, name))]
+    missing = sum(COCO_DOWNLOADS[name]["size"] - _part_size(os.path.join(data_dir, name)) for name in to_fetch)
+    try:
+        if to_fetch:
+            os.makedirs(data_dir, exist_ok=True)
+            free = shutil.disk_usage(data_dir).free
+            if free < missing:
+                raise DownloadError(f"{data_dir}: {missing / 1e9:.1f} GB to download, {free / 1e9:.1f} GB free")
+            print(f"downloading COCO's Karpathy split into {data_dir} ({missing / 1e9:.1f} GB; --no-download "
+                  f"skips this): {', '.join(to_fetch)}")
+        for name in to_fetch:
+            spec = COCO_DOWNLOADS[name]
+            download_file(spec["url"], os.path.join(data_dir, name), spec["size"], spec["sha256"])
+        if not os.path.isfile(json_path):
+            _extract_member(os.path.join(data_dir, "caption_datasets.zip"), "dataset_coco.json", json_path)
+    except DownloadError as e:
+        raise DownloadError(f"{e}\n{_manual_steps(data_dir, names)}") from None
+
+
+def _named_folders(json_path: str) -> set:
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            return {image.get("filepath") for image in json.load(f)["images"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # read_karpathy will say what is wrong with the file
+
+
+def _part_size(path: str) -> int:
+    return os.path.getsize(path + ".part") if os.path.isfile(path + ".part") else 0
+
+
+def _manual_steps(data_dir: str, names: list[str]) -> str:
+    lines = [f"  {COCO_DOWNLOADS[name]['url']}  ({COCO_DOWNLOADS[name]['size'] / 1e9:.2f} GB)  ->  "
+             f"{os.path.join(data_dir, name)}" for name in names]
+    return ("To set the data up by hand, download\n" + "\n".join(lines) + "\n"
+            "(a file named NAME.part there is resumed by the next run). From caption_datasets.zip only "
+            "dataset_coco.json is needed; the image zips can stay zipped or be extracted to train2014/ and "
+            "val2014/. Then run again.")
+
+
+def download_file(url: str, path: str, size: int, sha256: str, attempts: int = DOWNLOAD_ATTEMPTS) -> str:
+    """Fetch url into path, with a progress bar. Bytes go to path + ".part", which the next connection (or run)
+    continues with an HTTP Range request, or restarts if the server ignores it. The whole file must have the
+    published size and SHA-256 before it is renamed to path; a corrupt one is deleted. -> path"""
+    if os.path.isfile(path):
+        if os.path.getsize(path) != size:
+            raise DownloadError(f"{path}: {os.path.getsize(path)} bytes, but the published file has {size}; an "
+                                f"incomplete copy? Delete it, or rename it to {os.path.basename(path)}.part to resume")
+        return path
+    part = path + ".part"
+    for attempt in range(attempts):
+        have = _part_size(path)
+        if have > size:  # longer than the real file: not a prefix of it
+            os.remove(part)
+            have = 0
+        if have == size:
+            break
+        if attempt:
+            print(f"{url}: the connection dropped at {have:,} of {size:,} bytes; resuming")
+        _fetch(url, part, have, size)
+    have = _part_size(path)
+    if have != size:
+        raise DownloadError(f"{url}: the transfer stopped at {have:,} of {size:,} bytes; run again to resume {part}")
+    digest = _sha256(part)
+    if digest != sha256:
+        os.remove(part)  # its bytes are wrong somewhere: resuming cannot repair it
+        raise DownloadError(f"{url}: the downloaded file is corrupt (SHA-256 {digest}, published {sha256}); "
+                            f"it was deleted, run again to download it afresh")
+    os.replace(part, path)
+    return path
+
+
+def _fetch(url: str, part: str, have: int, size: int):
+    """One connection: append to `part` (holding `have` bytes) until the server stops sending."""
+    headers = {"User-Agent": "captioner-train", **({"Range": f"bytes={have}-"} if have else {})}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except OSError as e:  # URLError, refused, unreachable, timed out: the network or the server is not there
+        raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+    with response:
+        if have and response.status != 206:
+            print(f"{url}: the server does not resume downloads; starting over")
+            have = 0
+        elif have and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise DownloadError(f"{url}: asked for the bytes from {have}, the server sent "
+                                f"{response.headers.get('Content-Range')!r}")
+        length = response.headers.get("Content-Length")
+        if length is not None and have + int(length) != size:
+            raise DownloadError(f"{url}: the server's file has {have + int(length):,} bytes, the published one "
+                                f"{size:,}; has it changed? (see COCO_DOWNLOADS in train.py)")
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=os.path.basename(part)[:-len(".part")]) as bar:
+            try:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException):
+                pass  # a dropped connection: what arrived is kept, and the caller resumes from there
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"checking {os.path.basename(path)}", leave=False) as bar:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _extract_member(zip_path: str, name: str, target: str):
+    """Copy the member called `name` (in any folder of the archive) to target, atomically."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = [m for m in archive.namelist() if os.path.basename(m) == name]
+            if not members:
+                raise DownloadError(f"{zip_path}: no {name} inside")
+            with archive.open(members[0]) as source:
+                atomic_write(target, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DownloadError(f"{zip_path}: cannot extract {name} ({e}); delete the file and run again") from None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- dataset ----
 
 def read_karpathy(data_dir: str, split: str) -> list[dict]:
     """Images of one split of a Karpathy-format `dataset_coco.json`: [{cocoid, filename, path, captions}].
-    `train` also takes `restval` (the 30k val2014 images Karpathy added to training)."""
+    `train` also takes `restval` (the 30k val2014 images Karpathy added to training). An image is the file
+    DATA_DIR/filepath/filename or, when only DATA_DIR/filepath.zip is there, its member filepath/filename;
+    then the item also has "zip", "member" and the member's "bytes" and "crc" (-1 if it is not in the zip)."""
     path = os.path.join(data_dir, "dataset_coco.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; --data-dir must hold a Karpathy-format "
@@ -58,15 +233,15 @@ def read_karpathy(data_dir: str, split: str) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a Karpathy-format split file ({type(e).__name__}: {e})") from None
     wanted = ("train", "restval") if split == "train" else (split,)
-    items = []
+    items, archives = [], {}
     for i, image in enumerate(images):
         try:
             if image["split"] not in wanted:
                 continue
             captions = [s["raw"].strip() for s in image["sentences"]]
             items.append({"cocoid": image.get("cocoid", image.get("imgid", i)), "filename": image["filename"],
-                          "path": os.path.join(data_dir, image.get("filepath", ""), image["filename"]),
-                          "captions": captions})
+                          "captions": captions,
+                          **_image_source(data_dir, image.get("filepath", ""), image["filename"], archives)})
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: images[{i}] is malformed (missing or wrong {e})") from None
     if not items:
@@ -75,11 +250,76 @@ def read_karpathy(data_dir: str, split: str) -> list[dict]:
     return items
 
 
+def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> dict:
+    """Where one image is: {"path"} in a folder, or a zip member (see read_karpathy). `archives` caches each
+    folder's zip directory: {folder: None (a folder) or (zip path, {member: (bytes, crc)})}."""
+    directory = os.path.join(data_dir, folder)
+    if folder not in archives:
+        archives[folder] = None
+        if not os.path.isdir(directory) and not os.path.isfile(directory + ".zip"):
+            raise FileNotFoundError(f"{directory}: no such folder, and no {os.path.basename(directory)}.zip beside "
+                                    f"it; {os.path.join(data_dir, 'dataset_coco.json')} names images there")
+        if not os.path.isdir(directory):
+            try:
+                with zipfile.ZipFile(directory + ".zip") as archive:
+                    members = {info.filename: (info.file_size, info.CRC) for info in archive.infolist()}
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ValueError(f"{directory}.zip: not a readable zip archive ({e}); an incomplete download? "
+                                 f"Delete it and run again") from None
+            archives[folder] = (directory + ".zip", members)
+    if archives[folder] is None:
+        return {"path": os.path.join(directory, filename)}
+    zip_path, members = archives[folder]
+    member = f"{folder}/{filename}"
+    size, crc = members.get(member, (-1, -1))
+    return {"path": os.path.join(zip_path, member), "zip": zip_path, "member": member, "bytes": size, "crc": crc}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i -> (i, pixels (3, S, S), error): its image decoded and preprocessed for a backbone (in DataLoader
+    workers). An image that cannot be read gives zero pixels and the error's text, so that one bad file among
+    100,000 is recorded instead of stopping the run."""
+
+    def __init__(self, items, preprocessing):
+        self.sources = [(item["path"], item.get("zip"), item.get("member")) for item in items]
+        self.preprocessing = preprocessing
+        self._archives, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getstate__(self):  # open archives stay behind when the dataset is sent to spawned workers
+        return {**self.__dict__, "_archives": {}, "_pid": None}
+
+    def _archive(self, zip_path):
+        # Each process opens its own handle, on first use: a ZipFile reads through one file position, so a handle
+        # inherited across fork and used by several workers at once would hand them each other's bytes.
+        if self._pid != os.getpid():
+            self._archives, self._pid = {}, os.getpid()
+        if zip_path not in self._archives:
+            self._archives[zip_path] = zipfile.ZipFile(zip_path)
+        return self._archives[zip_path]
+
+    def __getitem__(self, i):
+        path, zip_path, member = self.sources[i]
+        try:
+            image = path
+            if zip_path:
+                image = Image.open(io.BytesIO(self._archive(zip_path).read(member)))
+                image.load()  # decode now, so that a damaged picture fails here
+            return i, preprocess_image(image, self.preprocessing), ""
+        except Exception as e:  # whatever PIL, zipfile or the file system raise for this one picture
+            size = self.preprocessing["size"]
+            return i, torch.zeros(3, size, size), f"{type(e).__name__}: {e}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ---- embedding cache ----
 # The frozen backbone's image tokens for a split, (N, K, D) float16, computed once and memory-mapped.
-# The file name carries a hash of everything that determines its content (backbone, grid, image list), so a
-# cache made for anything else is never picked up; a damaged file is detected and rebuilt.
+# The file names carry a hash of everything that determines the content (backbone, grid, precision, image
+# list), so a cache made for anything else is never picked up; a damaged file is detected and rebuilt. The
+# tokens are written into a preallocated file with a per-row done mask, so a stopped extraction resumes, and
+# several processes on one machine can each fill their share of the rows.
 
 def _backbone_fingerprint(backbone_name: str):
     """A local backbone directory can change under the same name: fold its files' sizes and times in."""
@@ -91,85 +331,277 @@ def _backbone_fingerprint(backbone_name: str):
     return [os.path.abspath(folder), files]
 
 
-def _file_size(path: str) -> int:
+def _image_fingerprint(item) -> list:
+    if "zip" in item:
+        return [item["bytes"], item["crc"]]  # from the zip's directory: nothing to open
     try:
-        return os.path.getsize(path)
+        return [os.path.getsize(item["path"])]
     except OSError:
-        return -1  # missing: embedding will name the file
+        return [-1]  # missing: embedding will list it as unreadable
 
 
-def cache_paths(cache_dir: str, split: str, backbone_name: str, grid: int, items: list[dict]):
+def embedding_precision(device, precision: str) -> str:
+    """What the backbone really runs in: "16" or "bf16" autocast on CUDA; fp32 ("32") elsewhere."""
+    if precision not in ("32", "16", "bf16"):
+        raise ValueError(f"precision must be 32, 16 or bf16, not {precision!r}")
+    return precision if torch.device(device).type == "cuda" else "32"
+
+
+def cache_paths(cache_dir: str, split: str, backbone_name: str, grid: int, items: list[dict], precision: str = "32"):
     # Which files, where, and how big: a second copy of a dataset with other (say, resized) images gets its own
     # cache. Sizes rather than times, so that copying a dataset keeps its cache valid.
     identity = {"version": CACHE_VERSION, "backbone": _backbone_fingerprint(backbone_name), "grid": grid,
-                "images": [[item["cocoid"], os.path.abspath(item["path"]), _file_size(item["path"])] for item in items]}
+                "precision": precision,
+                "images": [[item["cocoid"], os.path.abspath(item["path"]), *_image_fingerprint(item)] for item in items]}
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone_name.split("/")[-1])
     stem = os.path.join(cache_dir, f"{split}-{slug}-grid{grid}-{key}")
     return stem + ".npy", stem + ".json", key
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths, preprocessing):
-        self.paths, self.preprocessing = paths, preprocessing
+@dataclass(frozen=True)
+class TokenCache:
+    """One split's cache, all its files named STEM.*. Published: STEM.npy, the tokens (N, K, D) float16;
+    STEM.json, their description; STEM.unreadable.json, the images that could not be read. While it is built:
+    STEM.partial.npy, preallocated and filled in place; STEM.partial-done.npy, (N,) uint8 per row: 0 to do,
+    1 embedded, 2 unreadable; STEM.partial.json, what the partial files are for; and
+    STEM.partial-unreadable-<rank>.jsonl, why rows failed."""
+    stem: str
+    key: str
+    split: str
+    backbone: str
+    grid: int
+    precision: str
+    images: int  # N
+
+    @classmethod
+    def of(cls, items, split, backbone_name, grid, cache_dir, precision="32") -> "TokenCache":
+        npy_path, _, key = cache_paths(cache_dir, split, backbone_name, grid, items, precision)
+        return cls(npy_path[:-len(".npy")], key, split, backbone_name, grid, precision, len(items))
+
+    def path(self, suffix: str) -> str:
+        return self.stem + suffix
+
+
+def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", batch_size=32,
+                        num_workers=2, get_backbone=None, precision="32", rank=0, world_size=1, barrier=None):
+    """-> (tokens, meta): a read-only memmap (N, K, D) float16 of the split's image tokens, in item order, and
+    its description. meta["unreadable"] lists the rows whose image could not be read (zeros; why: in
+    meta["unreadable_images"] and the file meta["unreadable_file"]); drop_unreadable leaves them out.
+
+    Built on first use, or resumed where an earlier build stopped. Only then is the backbone loaded
+    (`get_backbone()`, default: by name); it runs in `precision` ("32", "16" or "bf16": autocast on CUDA, fp32
+    elsewhere). Processes on one machine share the work when each calls this with its `rank` < `world_size`
+    and a `barrier` that waits for all of them (torch.distributed.barrier): rank 0 prepares the files, each rank
+    embeds its share, rank 0 checks and publishes the cache, then all open it read-only. Callers that
+    synchronise otherwise can run those steps themselves: prepare_token_cache, embed_token_share,
+    publish_token_cache."""
+    barrier = barrier or (lambda: None)
+    cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, embedding_precision(device, precision))
+    loaded = load_token_cache(cache, say=rank == 0)
+    if loaded is None:
+        backbone = (get_backbone() if get_backbone else load_backbone(backbone_name)).to(device).eval()
+        if rank == 0:
+            prepare_token_cache(cache, backbone.width)
+        barrier()  # the partial files exist before any rank opens them
+        embed_token_share(cache, items, backbone, device, batch_size, num_workers, rank, world_size)
+        barrier()  # every row is written before rank 0 checks them
+        if rank == 0:
+            publish_token_cache(cache, items, backbone.preprocessing)
+        barrier()
+        loaded = load_token_cache(cache)
+        if loaded is None:
+            raise RuntimeError(f"{cache.path('.npy')}: the embedding cache just built does not validate")
+    tokens, meta = loaded
+    bad = meta["unreadable_images"]
+    if len(bad) == len(items):
+        raise ValueError(f"none of the {len(items)} {split} images could be read (the list: "
+                         f"{meta['unreadable_file']}); the first: {bad[0]['path']}: {bad[0]['error']}")
+    if bad and rank == 0:
+        print(f"warning: {len(bad)} of {len(items)} {split} images could not be read; their tokens are zeros and "
+              f"training leaves them out. The list: {meta['unreadable_file']}")
+    return tokens, meta
+
+
+def load_token_cache(cache: TokenCache, say: bool = True):
+    """-> (read-only memmap, description) if the published cache is complete and matches its key, else None
+    (saying why when the files are there but wrong)."""
+    npy_path, meta_path = cache.path(".npy"), cache.path(".json")
+    if not (os.path.isfile(npy_path) and os.path.isfile(meta_path)):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokens = np.load(npy_path, mmap_mode="r")
+        rows = meta["unreadable"]
+        if meta["key"] == cache.key and tokens.dtype == np.float16 and list(tokens.shape) == meta["shape"] \
+                and tokens.shape[:2] == (cache.images, 1 + cache.grid ** 2) and all(0 <= r < len(tokens) for r in rows) \
+                and rows == [image["row"] for image in meta["unreadable_images"]]:
+            return tokens, meta
+        reason = "does not match its description"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"is unreadable ({type(e).__name__}: {e})"
+    if say:
+        print(f"embedding cache {npy_path} {reason}; rebuilding it")
+    return None
+
+
+def prepare_token_cache(cache: TokenCache, width: int):
+    """Rank 0, before any rank embeds: keep the partial files of a stopped build if they are intact (the build
+    resumes), else make them afresh: tokens (N, K, width) float16 preallocated, done mask all zeros."""
+    shape = [cache.images, 1 + cache.grid ** 2, width]
+    description = {"key": cache.key, "shape": shape}
+    tokens_path, done_path, partial_meta = (cache.path(s) for s in (".partial.npy", ".partial-done.npy", ".partial.json"))
+    if os.path.isfile(partial_meta):
+        try:
+            with open(partial_meta) as f:
+                same = json.load(f) == description
+            tokens, done = np.load(tokens_path, mmap_mode="r"), np.load(done_path, mmap_mode="r")
+            if same and tokens.dtype == np.float16 and list(tokens.shape) == shape and done.dtype == np.uint8 \
+                    and done.shape == (cache.images,):
+                print(f"resuming the embedding of {cache.split} images: {int((done > 0).sum())} of "
+                      f"{cache.images} done")
+                return
+            print(f"{tokens_path}: a partial embedding cache that does not match its description; starting over")
+        except (OSError, ValueError) as e:
+            print(f"{tokens_path}: a damaged partial embedding cache ({e}); starting over")
+    # Remove the files before writing new ones: a stale STEM.npy must never meet a fresh STEM.json.
+    for path in [cache.path(s) for s in (".npy", ".json", ".unreadable.json", ".partial.json", ".partial.npy",
+                                          ".partial-done.npy")] + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
+        if os.path.exists(path):
+            os.remove(path)
+    os.makedirs(os.path.dirname(os.path.abspath(tokens_path)), exist_ok=True)
+    for path, dtype, size in ((tokens_path, np.float16, shape), (done_path, np.uint8, [cache.images])):
+        tmp_path = path + f".tmp-{os.getpid()}.npy"
+        np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=tuple(size)).flush()  # zeros, sparse
+        os.replace(tmp_path, path)
+    atomic_write_text(partial_meta, json.dumps(description))  # last: the partial files count once this exists
+
+
+def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_size=32, num_workers=2, rank=0,
+                      world_size=1, flush_seconds=10.0) -> int:
+    """Embed the rows of this rank's share, rows [N*rank//world_size, N*(rank+1)//world_size), that are not done
+    yet, into the partial files. Rows are marked done only after their tokens are flushed to disk (at most every
+    `flush_seconds`, and when this stops for any reason), so a killed run redoes at most the last few seconds of
+    work and never takes a row of zeros for a finished one. -> the number of rows embedded"""
+    tokens = np.load(cache.path(".partial.npy"), mmap_mode="r+")  # (N, K, D) float16
+    done = np.load(cache.path(".partial-done.npy"), mmap_mode="r+")  # (N,) uint8
+    low, high = cache.images * rank // world_size, cache.images * (rank + 1) // world_size
+    todo = low + np.flatnonzero(done[low:high] == 0)
+    if len(todo) == 0:
+        return 0
+    if tokens.shape[2] != backbone.width:
+        raise ValueError(f"{cache.path('.partial.npy')}: made for tokens of width {tokens.shape[2]}, but "
+                         f"{cache.backbone} gives {backbone.width}")
+    cuda = torch.device(device).type == "cuda"
+    loader = torch.utils.data.DataLoader(ImageFiles(items, backbone.preprocessing), batch_size=batch_size,
+                                         sampler=todo.tolist(), num_workers=num_workers, pin_memory=cuda,
+                                         worker_init_fn=_one_thread)
+    autocast = (torch.autocast("cuda", dtype=torch.float16 if cache.precision == "16" else torch.bfloat16)
+                if cuda and cache.precision != "32" else contextlib.nullcontext())
+    pending_rows, pending_status, pending_errors = [], [], []
+
+    def flush():
+        tokens.flush()
+        if pending_errors:
+            with open(cache.path(f".partial-unreadable-{rank}.jsonl"), "a") as f:
+                f.write("".join(json.dumps(e) + "\n" for e in pending_errors))
+                f.flush()
+                os.fsync(f.fileno())
+        if pending_rows:
+            done[np.concatenate(pending_rows)] = np.concatenate(pending_status)
+            done.flush()
+        for pending in (pending_rows, pending_status, pending_errors):
+            pending.clear()
+
+    start = last_flush = time.time()
+    share = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    try:
+        with tqdm(total=len(todo), unit="img", desc=f"embedding {cache.split} images with {cache.backbone}{share}") as bar:
+            for rows, pixels, errors in loader:
+                with autocast:
+                    batch = backbone.image_tokens(pixels.to(device, non_blocking=True), cache.grid)  # (b, K, D)
+                batch = batch.float().cpu().numpy().astype(np.float16)
+                unreadable = np.array([bool(e) for e in errors])
+                batch[unreadable] = 0
+                rows = rows.numpy()
+                tokens[rows] = batch
+                pending_rows.append(rows)
+                pending_status.append(np.where(unreadable, 2, 1).astype(np.uint8))
+                pending_errors += [{"row": int(r), "error": e} for r, e in zip(rows, errors) if e]
+                if time.time() - last_flush > flush_seconds:
+                    flush()
+                    last_flush = time.time()
+                bar.update(len(rows))
+    finally:
+        flush()  # what was embedded before an error or an interrupt is kept for the next run
+    seconds = time.time() - start
+    print(f"embedded {len(todo)} {cache.split} images{share} in {seconds:.0f}s ({len(todo) / seconds:.1f} images/s)")
+    return len(todo)
+
+
+def publish_token_cache(cache: TokenCache, items, preprocessing: dict):
+    """Rank 0, after every rank has embedded its share: check that every row is done, write the list of
+    unreadable images and the description, then rename the tokens into place."""
+    done_path = cache.path(".partial-done.npy")
+    done = np.load(done_path, mmap_mode="r")
+    if done.shape != (len(items),):
+        raise ValueError(f"{done_path}: a done mask for {done.shape[0]} images, not {len(items)}")
+    if not done.all():
+        raise RuntimeError(f"{done_path}: {int((done == 0).sum())} of {len(items)} images are not embedded yet; "
+                           f"every rank must finish embed_token_share before the cache is published")
+    why = {}
+    for path in sorted(glob.glob(cache.path(".partial-unreadable-*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    record = json.loads(line)
+                    why[record["row"]] = record["error"]
+    rows = np.flatnonzero(done == 2).tolist()
+    unreadable = [{"row": r, "cocoid": items[r]["cocoid"], "path": items[r]["path"], "error": why.get(r, "unknown")}
+                  for r in rows]
+    atomic_write_text(cache.path(".unreadable.json"), json.dumps(unreadable, indent=1))
+    shape = list(np.load(cache.path(".partial.npy"), mmap_mode="r").shape)
+    meta = {"key": cache.key, "split": cache.split, "backbone": cache.backbone, "grid": cache.grid,
+            "precision": cache.precision, "images": len(items), "shape": shape, "preprocessing": preprocessing,
+            "unreadable": rows, "unreadable_file": cache.path(".unreadable.json"), "unreadable_images": unreadable}
+    # The description first: tokens without it never count, and prepare_token_cache removed any older tokens.
+    atomic_write_text(cache.path(".json"), json.dumps(meta, indent=1))
+    os.replace(cache.path(".partial.npy"), cache.path(".npy"))
+    for path in [done_path, cache.path(".partial.json")] + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
+        os.remove(path)
+
+
+class TokenRows:
+    """Some rows of a token cache, without copying it: view[i] is cache[rows[i]]; any index numpy takes."""
+
+    def __init__(self, tokens, rows):
+        self.tokens, self.rows = tokens, np.asarray(rows, dtype=np.int64)
+        self.shape, self.dtype = (len(self.rows), *tokens.shape[1:]), tokens.dtype
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.rows)
 
-    def __getitem__(self, i):
-        return preprocess_image(self.paths[i], self.preprocessing)
+    def __getitem__(self, index):
+        return self.tokens[self.rows[index]]
+
+
+def drop_unreadable(items, tokens, meta):
+    """-> (items, tokens) without the images that could not be read: the same memmap when every image was read,
+    else a TokenRows view whose row i belongs to the i-th kept item."""
+    unreadable = set(meta["unreadable"])
+    if not unreadable:
+        return items, tokens
+    rows = [i for i in range(len(items)) if i not in unreadable]
+    if not rows:
+        raise ValueError(f"none of the {len(items)} images could be read (the list: {meta['unreadable_file']})")
+    return [items[i] for i in rows], TokenRows(tokens, rows)
 
 
 def _one_thread(_worker_id):
     # Workers only decode and resize JPEGs; left at the default they would each start as many math threads
     # as there are cores and fight the backbone for them.
     torch.set_num_threads(1)
-
-
-def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", batch_size=32,
-                        num_workers=2, get_backbone=None):
-    """-> (a read-only memmap (N, K, D) float16 of the split's image tokens, its description dict),
-    built on first use. The backbone (`get_backbone()`, default: load it by name) is only loaded then."""
-    npy_path, meta_path, key = cache_paths(cache_dir, split, backbone_name, grid, items)
-    K = 1 + grid * grid
-    if os.path.isfile(npy_path) and os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            tokens = np.load(npy_path, mmap_mode="r")
-            if meta.get("key") == key and tokens.dtype == np.float16 and list(tokens.shape) == meta.get("shape") \
-                    and tokens.shape[:2] == (len(items), K):
-                return tokens, meta
-            print(f"embedding cache {npy_path} does not match its description; rebuilding it")
-        except (OSError, ValueError, json.JSONDecodeError) as e:
-            print(f"embedding cache {npy_path} is unreadable ({e}); rebuilding it")
-
-    os.makedirs(cache_dir, exist_ok=True)
-    backbone = (get_backbone() if get_backbone else load_backbone(backbone_name)).to(device).eval()
-    loader = torch.utils.data.DataLoader(ImageFiles([item["path"] for item in items], backbone.preprocessing),
-                                         batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                                         worker_init_fn=_one_thread)
-    tmp_path = npy_path + f".tmp-{os.getpid()}.npy"
-    output = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16, shape=(len(items), K, backbone.width))
-    start_time, done = time.time(), 0
-    try:
-        for pixels in tqdm(loader, desc=f"embedding {split} images with {backbone_name}", unit="batch"):
-            tokens = backbone.image_tokens(pixels.to(device), grid)  # (b, K, D)
-            output[done:done + len(tokens)] = tokens.float().cpu().numpy().astype(np.float16)
-            done += len(tokens)
-        output.flush()
-        del output
-        os.replace(tmp_path, npy_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    meta = {"key": key, "split": split, "backbone": backbone_name, "grid": grid, "images": len(items),
-            "shape": [len(items), K, backbone.width], "preprocessing": backbone.preprocessing}
-    atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    print(f"embedded {len(items)} {split} images in {time.time() - start_time:.0f}s "
-          f"({len(items) / (time.time() - start_time):.1f} images/s) -> {npy_path}")
-    return np.load(npy_path, mmap_mode="r"), meta
 
 
 def default_cache_dir() -> str:
@@ -494,7 +926,11 @@ def get_args_parser():
                         help="training captions are cut to this many tokens, EOS included")
     parser.add_argument("--one-caption-per-image", action="store_true",
                         help="an epoch sees one random caption per image (the original) instead of all of them")
-    parser.add_argument("--num-workers", type=int, default=2, help="image decoding workers for embedding")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="fetch what --data-dir lacks of COCO's Karpathy split (dataset_coco.json, train2014.zip "
+                             "and val2014.zip: 20 GB, resumable); a dataset_coco.json with its images needs nothing")
     # optimisation
     parser.add_argument("--max-epochs", type=int, default=10, help="passes over the training captions")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per micro-batch")
@@ -574,6 +1010,9 @@ def run_training(args):
     checkpoint = load_checkpoint(args) if args.resume else None
 
     # data: captions and cached image tokens
+    if args.download and is_main:  # one process downloads; torchrun stops the others if it fails
+        prepare_coco(args.data_dir)
+    barrier(args)
     splits = {split: read_karpathy(args.data_dir, split) for split in ("train", "val")}
     if checkpoint:
         try:
@@ -585,13 +1024,12 @@ def run_training(args):
     get_backbone = functools.cache(lambda: load_backbone(args.vision_backbone))  # loaded only if a cache is built
     tokens, cache_meta = {}, {}
     for split, items in splits.items():
-        if not is_main:
-            barrier(args)  # rank 0 builds the cache; the others then open it
+        # with several processes, each embeds its share of the images
         tokens[split], cache_meta[split] = cached_image_tokens(
             items, split, args.vision_backbone, args.image_grid, args.cache_dir, args.device,
-            num_workers=args.num_workers, get_backbone=get_backbone)
-        if is_main:
-            barrier(args)
+            num_workers=args.num_workers, get_backbone=get_backbone, precision=args.precision,
+            rank=args.rank, world_size=args.world_size, barrier=lambda: barrier(args))
+        splits[split], tokens[split] = drop_unreadable(items, tokens[split], cache_meta[split])  # never train on zeros
     get_backbone.cache_clear()  # frozen and cached: the backbone is not needed for training
     preprocessing = cache_meta["train"]["preprocessing"]  # stored in model.pt, checked when it is loaded
 
@@ -715,5 +1153,5 @@ if __name__ == "__main__":
     check_args(args, parser)
     try:
         main(args)
-    except (ArchiveError, FileNotFoundError, ValueError) as e:
+    except (ArchiveError, DownloadError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,9 +1,11 @@
 """torchrun: two processes (gloo, CPU) train the same weights as one process with the same effective batch."""
+import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 import train
@@ -46,6 +48,12 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_clip_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "effective batch 4 x 2 x 2 processes = 16 captions; 2 optimizer steps per epoch" in result.stdout
     assert result.stdout.count("epoch 1: val loss") == 1  # rank 0 alone reports
+
+    # the two processes embedded half of the images each, into the same cache as one process builds
+    for split in ("train", "val"):
+        [built_one] = glob.glob(str(tmp_path / "cache-one" / f"{split}-*.npy"))
+        [built_two] = glob.glob(str(tmp_path / "cache-two" / f"{split}-*.npy"))
+        np.testing.assert_array_equal(np.load(built_two), np.load(built_one))
 
     log_one, log_two = read_log(one), read_log(two)
     assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [1, 2, 2, 3, 4, 4]
