@@ -908,8 +908,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser("Train a caption decoder on frozen image embeddings", add_help=True)
     # model
     parser.add_argument("--vision-backbone", default="blip:base",
-                        help="frozen image encoder: efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, "
-                             "clip:ViT-L/14@336px, or clip:<local dir>")
+                        help="frozen image encoder: blip:base (BLIP ViT-B/16 CapFilt-L at 224 px, as LAVIS ran it), "
+                             "efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, clip:ViT-L/14@336px, "
+                             "or clip:<local dir>")
     parser.add_argument("--image-grid", type=int, default=3,
                         help="image tokens per image = 1 global + grid x grid pooled patch tokens; "
                              "0 = the single global embedding (the original's design)")
