@@ -3,7 +3,7 @@ An image captioner: a frozen vision backbone turns each image into a few image t
 decoder writes the caption while cross-attending to them.
 
 This file holds everything a user needs to run a trained model:
-  - vision backbones (EfficientNet-Lite0, CLIP) and image loading,
+  - vision backbones (EfficientNet-Lite0, CLIP, BLIP) and image loading,
   - the caption model (projection of image tokens + a GPT-2 decoder with cross-attention),
   - a hand-written batched beam search that uses the decoder's KV cache,
   - the model archive (save/load of plain data only),
@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -86,13 +87,19 @@ CLIP_MODELS = {
     "ViT-L/14": "openai/clip-vit-large-patch14",
     "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
 }
-# Backbones that the original offered and that arrive in a later release; named so the error can say so.
-PLANNED_BACKBONES = {"blip:base": "BLIP base (ViT-B/16, CapFilt-L) is not implemented yet"}
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # BLIP uses them too
+# The checkpoint that LAVIS's load_model_and_preprocess("blip_feature_extractor", "base") loads (its
+# configs/models/blip_feature_extractor_base.yaml): BLIP ViT-B/16 pretrained on 129M images with CapFilt-L.
+BLIP_CHECKPOINTS = {
+    "blip:base": "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_capfilt_large.pth",
+}
+# Backbones that arrive in a later release; named so the error can say so.
+PLANNED_BACKBONES = {"blip:coco": "BLIP ViT-B/16 fine-tuned for COCO retrieval (384 px) is not implemented yet"}
 
 
 def available_backbones() -> list[str]:
     """Names accepted by --vision-backbone (a local CLIP directory is also accepted as clip:<dir>)."""
-    return ["efficientnet-lite0"] + [f"clip:{name}" for name in CLIP_MODELS]
+    return ["efficientnet-lite0", *BLIP_CHECKPOINTS] + [f"clip:{name}" for name in CLIP_MODELS]
 
 
 def check_backbone_name(name: str) -> str:
@@ -114,7 +121,7 @@ def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
     size = preprocessing["size"]
     if preprocessing["resize"] == "squash":
         image = image.resize((size, size), Image.BICUBIC)
-    else:  # "shorter_side_then_center_crop", as CLIP and BLIP were trained
+    else:  # "shorter_side_then_center_crop", as CLIP preprocesses
         scale = size / min(image.size)
         width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
         image = image.resize((width, height), Image.BICUBIC)
@@ -188,8 +195,7 @@ class CLIPBackbone(VisionBackbone):
         self.name, self.width = name, config.hidden_size
         self.patches_per_side = config.image_size // config.patch_size
         self.preprocessing = {"size": config.image_size, "resize": "shorter_side_then_center_crop",
-                              "mean": [0.48145466, 0.4578275, 0.40821073],
-                              "std": [0.26862954, 0.26130258, 0.27577711]}
+                              "mean": CLIP_MEAN, "std": CLIP_STD}
 
     def features(self, pixels):
         output = self.vision(pixel_values=pixels)
@@ -201,11 +207,140 @@ class CLIPBackbone(VisionBackbone):
         return output.pooler_output, patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D, h, w)
 
 
+class BLIPBackbone(VisionBackbone):
+    """BLIP's ViT exactly as LAVIS's blip_feature_extractor runs it, without LAVIS: the checkpoint's
+    visual_encoder.* weights in transformers' BlipVisionModel. Global embedding = the CLS token and grid = the
+    patch tokens, both after the final LayerNorm: LAVIS's image_embeds[:, 0] and image_embeds[:, 1:].
+    `checkpoint` (a path or URL in LAVIS's layout) replaces the named one, e.g. for a local copy."""
+
+    def __init__(self, name: str = "blip:base", checkpoint: str | None = None, num_heads: int | None = None):
+        super().__init__()
+        self.vision = load_blip_vision(checkpoint or BLIP_CHECKPOINTS[name], num_heads)
+        config = self.vision.config
+        self.name, self.width = name, config.hidden_size
+        self.patches_per_side = config.image_size // config.patch_size
+        # LAVIS's blip_image_eval: Resize((size, size), BICUBIC) on the PIL image (no crop), then CLIP's mean/std
+        self.preprocessing = {"size": config.image_size, "resize": "squash", "mean": CLIP_MEAN, "std": CLIP_STD}
+
+    def features(self, pixels):
+        hidden = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + h*w, D), after post_layernorm
+        # not pooler_output: BlipVisionModel applies post_layernorm to the CLS token a second time there
+        patches = hidden[:, 1:]  # (B, h*w, D)
+        B, _, D = patches.shape
+        side = self.patches_per_side
+        return hidden[:, 0], patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D), (B, D, h, w)
+
+
+# Python types a BLIP/LAVIS checkpoint may pickle next to its tensors (their training scripts store the run's
+# settings in it). Rebuilding these runs no code from the file; anything else is refused.
+BLIP_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def load_blip_vision(checkpoint_path_or_url: str, num_heads: int | None = None):
+    """A BLIP checkpoint in LAVIS's layout ({"model": {"visual_encoder.<timm ViT key>": tensor, ...}}), as a
+    local path or a URL (downloaded once into torch.hub's cache, where LAVIS keeps it too) -> its ViT as a
+    frozen transformers BlipVisionModel in eval mode. The sizes come from the tensors; the head count is not in
+    them and defaults to width // 64 (BLIP's ViT-B: 12 heads, ViT-L: 16)."""
+    source = checkpoint_path_or_url
+    path = _download_cached(source) if source.startswith(("http://", "https://")) else source
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    checkpoint = _load_blip_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise ValueError(f"{path}: not a BLIP checkpoint (no 'model' state dict)")
+    # the dot matters: pretraining checkpoints also hold visual_encoder_m.*, the momentum copy of the encoder
+    prefix = "visual_encoder."
+    state = {key[len(prefix):]: value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path}: no {prefix}* weights in checkpoint['model']")
+    return _blip_vision_from_lavis_state(state, path, num_heads)
+
+
+def _download_cached(url: str) -> str:
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        print(f"downloading {url} to {path}")
+        # writes a .partial file next to `path` and renames it when complete: an interrupted download leaves
+        # nothing under the final name
+        torch.hub.download_url_to_file(url, path, progress=True)
+    return path
+
+
+def _load_blip_checkpoint(path: str):
+    """torch.load(weights_only=True), allowing only BLIP_CHECKPOINT_GLOBALS beyond tensors and containers."""
+    with torch.serialization.safe_globals(BLIP_CHECKPOINT_GLOBALS):
+        try:
+            refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except ValueError:  # the legacy (pre-zip) format cannot be inspected; torch.load still refuses globals
+            refused = []
+        if refused:
+            raise ValueError(f"{path}: refused to load: the file needs pickled Python objects ({', '.join(refused)}) "
+                             f"that could run arbitrary code; nothing in the file was executed")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # damaged or foreign files raise many kinds
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def blip_key_map(depth: int) -> dict[str, str]:
+    """LAVIS VisionTransformer (timm ViT) state-dict key -> transformers BlipVisionModel key, for `depth` blocks."""
+    keys = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+            "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+            "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+    block = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+             "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        for lavis, ours in block.items():
+            for kind in ("weight", "bias"):
+                keys[f"blocks.{i}.{lavis}.{kind}"] = f"encoder.layers.{i}.{ours}.{kind}"
+    return keys
+
+
+def _blip_vision_from_lavis_state(state: dict, path: str, num_heads: int | None):
+    from transformers import BlipVisionConfig, BlipVisionModel
+    depth = 1 + max((int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))), default=0)
+    key_map = blip_key_map(depth)
+    missing, unexpected = sorted(set(key_map) - set(state)), sorted(set(state) - set(key_map))
+    if missing or unexpected:
+        def listed(keys):
+            return ", ".join(f"visual_encoder.{key}" for key in keys[:6]) + (" ..." if len(keys) > 6 else "")
+        raise ValueError(f"{path}: not the BLIP ViT this code reads: {len(missing)} missing keys ({listed(missing)}), "
+                         f"{len(unexpected)} unexpected ({listed(unexpected)})")
+    width, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
+    # pos_embed (1, 1 + side*side, D) fixes the image size. LAVIS interpolates it only when that differs from its
+    # configured size; blip:base's checkpoint has 196 patches at 224 px, as LAVIS runs it, so none is needed
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    config = BlipVisionConfig(hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+                              num_hidden_layers=depth, num_attention_heads=num_heads or width // 64,
+                              image_size=side * patch, patch_size=patch,
+                              hidden_act="gelu",  # exact GELU, as timm's nn.GELU
+                              layer_norm_eps=1e-6)  # timm's ViT as BLIP builds it; transformers' default is 1e-5
+    model = BlipVisionModel(config)
+    for module in model.modules():
+        # transformers 4.26 (the release LAVIS pins) ignores config.layer_norm_eps in BLIP's vision layers
+        if isinstance(module, nn.LayerNorm):
+            module.eps = config.layer_norm_eps
+    ours = {key_map[key]: value for key, value in state.items()}  # same tensors under transformers' names
+    if set(ours) != set(model.state_dict()):  # a transformers release that renamed BlipVisionModel's modules
+        raise RuntimeError(f"this transformers' BlipVisionModel has other keys than blip_key_map() expects: "
+                           f"{sorted(set(model.state_dict()) ^ set(ours))[:8]}")
+    try:
+        model.load_state_dict(ours, strict=True)  # copies into float32 whatever the file's dtype
+    except RuntimeError as e:  # shapes that do not fit together (e.g. a pos_embed for another patch size)
+        raise ValueError(f"{path}: inconsistent BLIP ViT weights: {' '.join(str(e).split())[:300]}") from None
+    return model.eval().requires_grad_(False)
+
+
 def load_backbone(name: str) -> VisionBackbone:
     """Build a frozen backbone by name (see available_backbones()), in eval mode."""
     check_backbone_name(name)
     if name == "efficientnet-lite0":
         return EfficientNetLite0()
+    if name in BLIP_CHECKPOINTS:
+        return BLIPBackbone(name)
     return CLIPBackbone(name)
 
 
