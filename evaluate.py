@@ -24,7 +24,7 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from captioner import ArchiveError, beam_search, default_device, ids_to_text, load_model
-from train import atomic_write_text, cached_image_tokens, default_cache_dir, read_karpathy
+from train import atomic_write_text, cached_image_tokens, default_cache_dir, drop_unreadable, read_karpathy
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- decoding ----
@@ -158,7 +158,8 @@ def get_args_parser():
                         help="final score = sum of log-probs / length**length_penalty")
     parser.add_argument("--batch-size", type=int, default=128, help="images decoded together")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: as train.py)")
-    parser.add_argument("--num-workers", type=int, default=2, help="image decoding workers for embedding")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding workers for embedding (default: CPU cores, at most 8)")
     parser.add_argument("--out-dir", default=None, help="where metrics.json and captions.jsonl go "
                                                         "(default: the checkpoint's folder)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -174,9 +175,15 @@ def main(args):
     model.to(device).eval()
     config = model.config
     items = read_karpathy(args.data_dir, args.split)
+    # the backbone runs as it did for the training images (fp16 autocast on CUDA, by default)
+    precision = archive["metadata"].get("embedding_precision", "32")
     image_tokens, meta = cached_image_tokens(items, args.split, config.vision_backbone, config.image_grid,
                                              args.cache_dir or default_cache_dir(), device,
-                                             num_workers=args.num_workers)
+                                             num_workers=args.num_workers, precision=precision)
+    # An image that cannot be read has no caption to score: it is left out, named in meta["unreadable_file"]
+    # and counted in metrics.json, so that a figure on fewer images is never mistaken for the full split.
+    all_images = len(items)
+    items, image_tokens = drop_unreadable(items, image_tokens, meta)
     if meta["preprocessing"] != archive["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing {meta['preprocessing']}, "
                          f"the model was trained with {archive['preprocessing']}")
@@ -203,7 +210,8 @@ def main(args):
         print(f"| {r['beam_size']} | {r['bleu4_coco']:.3f} | {r['bleu4_sacrebleu']:.3f} | {r['bleu4_seed']:.3f} "
               f"| {r['seconds']:.1f} |")
     os.makedirs(out_dir, exist_ok=True)
-    metrics = {"split": args.split, "images": len(items), "checkpoint": os.path.abspath(args.checkpoint),
+    metrics = {"split": args.split, "images": len(items), "unreadable_images": all_images - len(items),
+               "unreadable_file": meta["unreadable_file"] if all_images > len(items) else None, "checkpoint": os.path.abspath(args.checkpoint),
                "data_dir": os.path.abspath(args.data_dir), "max_length": args.max_length,
                "length_penalty": args.length_penalty, "model": archive["metadata"],
                "sacrebleu_signature": signature, "results": results}

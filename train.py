@@ -1138,7 +1138,7 @@ def run_training(args):
             state["best_bleu4"], state["best_val_loss"] = val_bleu4, val_loss
             save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, preprocessing,
                        {"epoch": epoch, "step": state["step"], "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
-                        "beam_size": args.beam_size})
+                        "beam_size": args.beam_size, "embedding_precision": cache_meta["train"]["precision"]})
         log({"type": "epoch", "epoch": epoch, "step": state["step"], "val_loss": val_loss, "val_bleu4": val_bleu4,
              "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
             f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"

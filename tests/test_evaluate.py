@@ -35,3 +35,21 @@ def test_evaluate_refuses_a_bad_checkpoint(tmp_path):
     args = evaluate.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "model.pt")])
     with pytest.raises(Exception, match="model.pt: not a readable PyTorch file"):
         evaluate.main(args)
+
+
+def test_evaluate_leaves_out_and_counts_unreadable_images(small_decoder_dir, tiny_clip_dir, tiny_dataset, tmp_path):
+    backbone = load_backbone(f"clip:{tiny_clip_dir}")
+    model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
+    checkpoint = tmp_path / "run" / "model.pt"
+    save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
+    with open(f"{tiny_dataset}/images/000000000021.jpg", "wb") as f:  # a test image, cut short
+        f.write(b"\xff\xd8\xff\xe0 truncated")
+    args = evaluate.get_args_parser().parse_args([
+        "--checkpoint", str(checkpoint), "--data-dir", tiny_dataset, "--split", "test", "--max-length", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--num-workers", "0"])
+    evaluate.main(args)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["unreadable_images"] == 1
+    assert "000000000021.jpg" in open(metrics["unreadable_file"]).read()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+    assert [line["cocoid"] for line in lines] == [20, 22, 23]
