@@ -99,7 +99,7 @@ PLANNED_BACKBONES = {"blip:coco": "BLIP ViT-B/16 fine-tuned for COCO retrieval (
 
 def available_backbones() -> list[str]:
     """Names accepted by --vision-backbone (a local CLIP directory is also accepted as clip:<dir>)."""
-    return ["efficientnet-lite0", *BLIP_CHECKPOINTS] + [f"clip:{name}" for name in CLIP_MODELS]
+    return [*BLIP_CHECKPOINTS, "efficientnet-lite0"] + [f"clip:{name}" for name in CLIP_MODELS]
 
 
 def check_backbone_name(name: str) -> str:

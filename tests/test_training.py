@@ -84,8 +84,8 @@ def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: efficientnet-lite0"),
-    ([], "blip:base: BLIP base"),  # the default until BLIP lands: a clear error listing what exists
+    (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: blip:base, efficientnet-lite0"),
+    (["--vision-backbone", "blip:coco"], "blip:coco: BLIP ViT-B/16 fine-tuned"),  # named, not there yet
     (["--vision-backbone", "efficientnet-lite0", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--vision-backbone", "efficientnet-lite0", "--grad-clip", "0"], "--grad-clip > 0"),
 ])
