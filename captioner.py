@@ -275,6 +275,9 @@ def _load_blip_checkpoint(path: str):
             refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except ValueError:  # the legacy (pre-zip) format cannot be inspected; torch.load still refuses globals
             refused = []
+        except Exception as e:  # a zip cut short (an interrupted download) fails here, with a RuntimeError
+            raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:120]}); an interrupted "
+                             f"download? Delete the file to download it again") from None
         if refused:
             raise ValueError(f"{path}: refused to load: the file needs pickled Python objects ({', '.join(refused)}) "
                              f"that could run arbitrary code; nothing in the file was executed")

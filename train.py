@@ -148,7 +148,12 @@ def download_file(url: str, path: str, size: int, sha256: str, attempts: int = D
             break
         if attempt:
             print(f"{url}: the connection dropped at {have:,} of {size:,} bytes; resuming")
-        _fetch(url, part, have, size)
+        try:
+            _fetch(url, part, have, size)
+        except DownloadError:
+            if attempt == 0:
+                raise  # no connection at all: say so now (with the manual steps) rather than retry
+            break  # a failed reconnection: the file stays resumable from .part
     have = _part_size(path)
     if have != size:
         raise DownloadError(f"{url}: the transfer stopped at {have:,} of {size:,} bytes; run again to resume {part}")
@@ -184,12 +189,15 @@ def _fetch(url: str, part: str, have: int, size: int):
         with open(part, "ab" if have else "wb") as f, \
                 tqdm(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=os.path.basename(part)[:-len(".part")]) as bar:
-            try:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException):
-                pass  # a dropped connection: what arrived is kept, and the caller resumes from there
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (OSError, http.client.HTTPException):
+                    break  # a dropped connection: what arrived is kept, and the caller resumes from there
+                if not chunk:
+                    break
+                f.write(chunk)  # outside the try: a full disk is an error, not a dropped connection
+                bar.update(len(chunk))
 
 
 def _sha256(path: str) -> str:
@@ -419,7 +427,8 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
                          f"{meta['unreadable_file']}); the first: {bad[0]['path']}: {bad[0]['error']}")
     if bad and rank == 0:
         print(f"warning: {len(bad)} of {len(items)} {split} images could not be read; their tokens are zeros and "
-              f"training leaves them out. The list: {meta['unreadable_file']}")
+              f"training leaves them out. The list: {meta['unreadable_file']}. If the cause has gone (a full disk, "
+              f"a missing file now restored), delete {cache.path('.*')} to embed the split again")
     return tokens, meta
 
 
@@ -888,17 +897,22 @@ def setup_distributed(args):
     args.rank = int(os.environ.get("RANK", "0"))
     if args.world_size == 1:
         return
+    if int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size)) != args.world_size:
+        raise SystemExit("error: train.py runs on one machine (its processes share the embedding cache through "
+                         "memory maps); start torchrun with --nnodes=1")
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    # gloo runs on CPUs (and the test); rank 0 may evaluate or embed images for a while between collectives
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    dist.init_process_group("nccl" if cuda else "gloo")  # gloo runs on CPUs (and the test)
+    # Waiting for rank 0 (downloading 20 GB, embedding, evaluating) goes through a CPU group with a long
+    # timeout, so that a slow download does not trip the short timeout meant to catch a hung GPU collective.
+    args.wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
 
 
 def barrier(args):
     if args.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=args.wait_group)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1022,7 +1036,14 @@ def run_training(args):
             tokenizer = tokenizer_from_data(checkpoint["tokenizer"])
         except Exception as e:
             raise ArchiveError(f"{args.out_dir}/checkpoint.pt: damaged checkpoint: {e}") from None
-    get_backbone = functools.cache(lambda: load_backbone(args.vision_backbone))  # loaded only if a cache is built
+    @functools.cache  # loaded only if a cache is built, then kept for the other split
+    def get_backbone():
+        if not is_main:
+            barrier(args)  # rank 0 downloads the backbone's weights (once); then the others read them
+        backbone = load_backbone(args.vision_backbone)
+        if is_main:
+            barrier(args)
+        return backbone
     tokens, cache_meta = {}, {}
     for split, items in splits.items():
         # with several processes, each embeds its share of the images

@@ -6,6 +6,7 @@ cache). Extraction runs at about the slower of the first two.
 
     python bench/extract_throughput.py --device cuda --batch-size 256 --num-workers 16   # fp32, fp16, bf16
     python bench/extract_throughput.py --device cpu --backbone efficientnet-lite0 --max-images 256
+    python bench/extract_throughput.py --device cuda --random-weights   # blip:base's shape, no download
 """
 
 import argparse
@@ -19,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from captioner import available_backbones, load_backbone  # noqa: E402
+from captioner import BLIPBackbone, available_backbones, blip_key_map, load_backbone  # noqa: E402
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png")
 
@@ -39,7 +40,22 @@ def get_args_parser():
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count()), help="decoding workers")
     parser.add_argument("--grid", type=int, default=3, help="image tokens per image = 1 + grid x grid")
     parser.add_argument("--backbone-batches", type=int, default=10, help="timed batches of the backbone alone")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="blip:base only: the same ViT-B/16 with random weights instead of the downloaded "
+                             "checkpoint (for machines without network; the speed is the same)")
     return parser
+
+
+def random_blip_base(folder: str) -> BLIPBackbone:
+    """blip:base's architecture with random weights, loaded through the same path as the real checkpoint."""
+    from transformers import BlipVisionConfig, BlipVisionModel
+    config = BlipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=16, layer_norm_eps=1e-6)
+    lavis_name = {ours: lavis for lavis, ours in blip_key_map(12).items()}
+    state = {f"visual_encoder.{lavis_name[k]}": v for k, v in BlipVisionModel(config).state_dict().items()}
+    path = os.path.join(folder, "random_blip_base.pth")
+    torch.save({"model": state}, path)
+    return BLIPBackbone("blip:base", checkpoint=path)
 
 
 def synchronize(device):
@@ -55,9 +71,13 @@ def main(args):
     items = [{"cocoid": i, "path": path} for i, path in enumerate(paths)]
     cuda = torch.device(args.device).type == "cuda"
     precisions = args.precisions or (["32", "16", "bf16"] if cuda else ["32"])
-    backbone = load_backbone(args.backbone).to(args.device).eval()
+    if args.random_weights and args.backbone != "blip:base":
+        raise SystemExit("error: --random-weights is for --backbone blip:base")
+    with tempfile.TemporaryDirectory() as folder:
+        backbone = random_blip_base(folder) if args.random_weights else load_backbone(args.backbone)
+    backbone = backbone.to(args.device).eval()
     name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {name}; backbone {args.backbone} ({backbone.preprocessing['size']} px, width {backbone.width}); "
+    print(f"device: {name}; backbone {args.backbone}{' (random weights)' if args.random_weights else ''} ({backbone.preprocessing['size']} px, width {backbone.width}); "
           f"{len(items)} images from {os.path.abspath(args.images)}; batch {args.batch_size}, "
           f"{args.num_workers} workers, grid {args.grid}")
     print("| part | precision | images/s | ms per batch |")

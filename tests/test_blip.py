@@ -179,6 +179,14 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, capfd):
     assert "this ran" not in capfd.readouterr().out
 
 
+def test_a_download_cut_short_is_named_with_what_to_do(tmp_path):
+    whole = write_lavis_checkpoint(tmp_path / "whole.pth", random_vit_state(**TINY))
+    cut = tmp_path / "model_base_capfilt_large.pth"
+    cut.write_bytes(open(whole, "rb").read()[:-1000])  # as an interrupted transfer leaves it
+    with pytest.raises(ValueError, match=r"model_base_capfilt_large\.pth: damaged checkpoint .*Delete the file"):
+        load_blip_vision(str(cut), num_heads=2)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_blip_vision(str(tmp_path / "nowhere.pth"))
