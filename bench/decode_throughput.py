@@ -86,9 +86,10 @@ def main(args):
     dtype = getattr(torch, args.dtype)
     model = CaptionModel(config).to(args.device, dtype).eval()
     with torch.no_grad():  # keep EOS out of reach so that every method decodes exactly max_length tokens:
-        model.decoder.transformer.ln_f.bias[0] = 10.0  # a constant feature in every final hidden state ...
-        model.decoder.lm_head.weight[50256] = 0.0
-        model.decoder.lm_head.weight[50256, 0] = -10.0  # ... that EOS's logit weighs at -10 (about -100)
+        model.decoder.transformer.ln_f.weight[0] = 0.0  # feature 0 of every final hidden state is
+        model.decoder.transformer.ln_f.bias[0] = 10.0  # the constant 10 ...
+        model.decoder.lm_head.weight[50256] = 0.0  # (tied: also EOS's input embedding, only the start token)
+        model.decoder.lm_head.weight[50256, 0] = -10.0  # ... which EOS's logit weighs at -10: -100
     tokens = torch.randn(args.images, config.num_image_tokens, args.image_width, device=args.device, dtype=dtype)
     n_uncached = args.uncached_images or args.images
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -104,6 +105,9 @@ def main(args):
         results, slow_s = timed(lambda: [beam_search(uncached, tokens[i:i + 1], k, args.max_length)
                                          for i in range(n_uncached)], args.device)
         same = all(torch.equal(ours_ids[i], ids[0]) for i, (ids, _) in enumerate(results))
+        # a caption that ended early would make ours look faster than generate, which is held to max_length
+        assert ours_ids.shape[1] >= args.max_length - 1 and not (ours_ids[:, :args.max_length - 1] == 50256).any(), \
+            "a caption ended early: the comparison would not be like for like"
         start_ids = torch.full((args.images, 1), 50256, device=args.device)
         memory = model.encode_images(tokens)
         _, generate_s = timed(lambda: model.decoder.generate(
