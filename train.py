@@ -744,6 +744,7 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine = windows[window_index][args.rank::args.world_size]
+        # a process with no caption left in the last window runs one, weighted 0, to join the all-reduce
         weight = 1.0 if mine else 0.0
         mine = mine or windows[window_index][:1]
         batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
