@@ -601,9 +601,7 @@ def drop_unreadable(items, tokens, meta):
     unreadable = set(meta["unreadable"])
     if not unreadable:
         return items, tokens
-    rows = [i for i in range(len(items)) if i not in unreadable]
-    if not rows:
-        raise ValueError(f"none of the {len(items)} images could be read (the list: {meta['unreadable_file']})")
+    rows = [i for i in range(len(items)) if i not in unreadable]  # not empty: cached_image_tokens refuses that
     return [items[i] for i in rows], TokenRows(tokens, rows)
 
 

@@ -16,10 +16,10 @@ import sys
 import time
 
 import torch
-from transformers import GPT2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from captioner import CaptionModel, CaptionerConfig, beam_search  # noqa: E402
+from captioner import CaptionModel, beam_search  # noqa: E402
+from train_throughput import synthetic_config  # noqa: E402  (bench/, this script's folder, is on sys.path)
 
 
 class PrefixHistory:
@@ -77,11 +77,7 @@ def timed(fn, device):
 
 @torch.no_grad()
 def main(args):
-    grid = int(round((args.image_tokens - 1) ** 0.5))
-    decoder = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=args.width, n_layer=args.layers,
-                         n_head=args.heads, add_cross_attention=True, bos_token_id=50256, eos_token_id=50256)
-    config = CaptionerConfig(vision_backbone="synthetic", image_grid=grid, image_width=args.image_width,
-                             decoder=decoder.to_dict(), eos_token_id=50256)
+    config = synthetic_config(args)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model = CaptionModel(config).to(args.device, dtype).eval()

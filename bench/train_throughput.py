@@ -41,12 +41,18 @@ def get_args_parser():
     return parser
 
 
-def main(args):
+def synthetic_config(args) -> CaptionerConfig:
+    """A caption model of the sizes in args (--layers, --width, --heads, --image-tokens, --image-width) with
+    GPT-2's vocabulary, for random weights; decode_throughput.py uses it too."""
     grid = int(round((args.image_tokens - 1) ** 0.5))
     decoder = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=args.width, n_layer=args.layers,
                          n_head=args.heads, add_cross_attention=True, bos_token_id=50256, eos_token_id=50256)
-    config = CaptionerConfig(vision_backbone="synthetic", image_grid=grid, image_width=args.image_width,
-                             decoder=decoder.to_dict(), eos_token_id=50256)
+    return CaptionerConfig(vision_backbone="synthetic", image_grid=grid, image_width=args.image_width,
+                           decoder=decoder.to_dict(), eos_token_id=50256)
+
+
+def main(args):
+    config = synthetic_config(args)
     rng = np.random.default_rng(0)
     pairs = [tuple(int(x) for x in b.split("x")) for b in args.batches]
     n_captions = max(b * a for b, a in pairs) * (args.steps + args.warmup_steps)
