@@ -2,19 +2,21 @@
 An image captioner: a frozen vision backbone turns each image into a few image tokens, and a GPT-2-family
 decoder writes the caption while cross-attending to them.
 
-This file holds everything a user needs to run a trained model:
-  - vision backbones (EfficientNet-Lite0, CLIP, BLIP) and image loading,
-  - the caption model (projection of image tokens + a GPT-2 decoder with cross-attention),
-  - a hand-written batched beam search that uses the decoder's KV cache,
+This file holds everything a user needs to run a trained model, in the order a reader meets it:
+  - the caption model (projection of image tokens + a GPT-2 decoder with cross-attention) and its loss,
+  - decoding: a hand-written batched beam search that uses the decoder's KV cache,
   - the model archive (save/load of plain data only),
+  - vision backbones (EfficientNet-Lite0, CLIP, BLIP) and image loading,
   - the inference API (`Captioner`) and a command line:
 
     python captioner.py --checkpoint out/model.pt --beam-size 3 a.jpg b.jpg
 
-train.py and evaluate.py import the model from here; it is defined nowhere else.
+data.py, evaluate.py and train.py import the model from here; it is defined nowhere else.
 """
 
 import argparse
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -34,46 +36,332 @@ ARCHIVE_FORMAT = "captioner-model"
 ARCHIVE_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------
-# ---- images ----
+# ---- the caption model ----
 
-def load_image(image) -> Image.Image:
-    """A path or PIL image -> an RGB PIL image, EXIF orientation applied, any mode accepted."""
-    if isinstance(image, Image.Image):
-        return _to_rgb(_upright(image))
-    path = os.fspath(image)
+@dataclass
+class CaptionerConfig:
+    vision_backbone: str  # name passed to load_backbone()
+    image_grid: int  # image tokens per image = 1 + image_grid**2 (0: the single global embedding)
+    image_width: int  # D, width of the backbone's image tokens
+    decoder: dict  # the GPT-2 config as a plain dict (GPT2Config.to_dict()), add_cross_attention=True
+    eos_token_id: int  # ends every caption; GPT-2 also uses it as the start token
+    language_model: str = ""  # where the decoder weights came from (a name or a directory), for the record
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 1 + self.image_grid ** 2
+
+
+# Short names the original used -> their current repositories on the Hugging Face hub.
+LANGUAGE_MODELS = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/gpt2",
+                   "gpt2-medium": "openai-community/gpt2-medium", "gpt2-large": "openai-community/gpt2-large"}
+
+
+class CaptionModel(nn.Module):
+    """Image tokens (B, K, D) -> a learned projection (Linear + per-slot embedding + LayerNorm) to the
+    decoder width C -> the memory that every decoder layer cross-attends to. The decoder is a GPT-2 LM."""
+
+    def __init__(self, config: CaptionerConfig, decoder=None):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self.config = config
+        if decoder is None:
+            decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        if not decoder.config.add_cross_attention:
+            raise ValueError("the decoder must be built with add_cross_attention=True")
+        self.decoder = decoder
+        self.cache_argument = _cache_argument(decoder)
+        width = decoder.config.n_embd
+        self.image_projection = nn.Linear(config.image_width, width)
+        # a learned embedding per image-token slot, so the decoder can tell the global token from each
+        # grid cell (cross-attention itself is order-blind)
+        self.image_slot_embedding = nn.Parameter(torch.zeros(config.num_image_tokens, width))
+        self.image_norm = nn.LayerNorm(width)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.config.eos_token_id
+
+    def encode_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """image_tokens (B, K, D) in any float dtype -> memory (B, K, C)."""
+        if image_tokens.shape[1:] != (self.config.num_image_tokens, self.config.image_width):
+            raise ValueError(f"expected image tokens of shape (B, {self.config.num_image_tokens}, "
+                             f"{self.config.image_width}), got {tuple(image_tokens.shape)}")
+        x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
+        return self.image_norm(x + self.image_slot_embedding)
+
+    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, label_positions=None, labels=None):
+        """Teacher forcing: image_tokens (B, K, D), input_ids (B, T) right-padded -> (logits (B, T, V), None).
+        With labels: the caption tokens to predict, labels (N,) at label_positions (N,), flat indices into
+        the B*T positions (padding has none) -> (logits (N, V), summed cross-entropy of the N tokens in fp32).
+        Summed, not averaged: the training loop divides by the tokens of the whole optimizer step.
+        With a 50k vocabulary the output layer is most of the cost, so only labelled positions reach it;
+        indices (made on the CPU by the caller, rather than a mask here) keep a GPU from waiting to learn N.
+        Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
+        memory = self.encode_images(image_tokens)
+        hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
+                                          use_cache=False).last_hidden_state  # (B, T, C)
+        if labels is None:
+            return self.decoder.lm_head(hidden), None
+        logits = self.decoder.lm_head(hidden.flatten(0, 1).index_select(0, label_positions))  # (N, V)
+        return logits, F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
+        """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
+        -> logits (N, V) for the next token, and the updated cache."""
+        output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
+                              use_cache=True, **{self.cache_argument: cache})
+        # transformers 5.24 calls the output field `cache` too; earlier releases `past_key_values`
+        return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def _cache_argument(decoder) -> str:
+    # transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still works, with a
+    # warning, until 5.40); GPU machines run 5.17, which knows only the old name.
+    parameters = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
+    """A new caption model whose decoder starts from a pretrained GPT-2-family LM (a hub name or a local
+    directory holding a saved model and tokenizer). The cross-attention layers start random.
+    Returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+    source = LANGUAGE_MODELS.get(language_model, language_model)
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type != "gpt2":
+        raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    # transformers reports every cross-attention weight as "missing" (they are new, so that is expected);
+    # quiet it for this one call and say it once, plainly
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return _to_rgb(_upright(opened))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read this image ({e})") from e
+        decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} cross-attention "
+          f"layers start from random weights")
+    decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
+    config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
+                             decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
+                             language_model=language_model)
+    return CaptionModel(config, decoder), tokenizer
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF Orientation tag (phones store pictures sideways and set it) -> a new image."""
+# ---------------------------------------------------------------------------------------------------------
+# ---- decoding ----
+
+@torch.no_grad()
+def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int = 1, max_length: int = 30,
+                length_penalty: float = 1.0):
+    """Batched beam search: all images x beams go through the decoder as one batch per step, with the
+    decoder's KV cache reordered by each surviving beam's parent.
+
+    image_tokens: (B, K, D) backbone tokens.
+    max_length: the most tokens a caption may have, its EOS included; the last step may only emit EOS.
+    Score of a finished caption = (sum of its token log-probabilities, EOS included) / length**length_penalty.
+    An image is done once it holds `beam_size` finished captions (as in Whisper); so beam_size=1 is
+    exactly greedy decoding.
+    Returns ids (B, L) int64 (each row ends with EOS and is padded with EOS; L <= max_length) and
+    scores (B,) float32, both on the input's device. Does not change the model's train/eval mode.
+    """
+    if beam_size < 1 or max_length < 1:
+        raise ValueError(f"beam_size and max_length must be at least 1, not {beam_size} and {max_length}")
+    device = image_tokens.device
+    B, W, L, eos = image_tokens.shape[0], beam_size, max_length, model.eos_token_id
+    memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams of an image adjacent
+
+    generated = torch.zeros(B * W, 0, dtype=torch.long, device=device)  # live beams' tokens so far
+    next_input = torch.full((B * W, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
+    live_scores = torch.zeros(B, W, device=device)
+    live_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one expand at step 0
+    finished_ids = torch.full((B, W, L), eos, dtype=torch.long, device=device)
+    finished_scores = torch.full((B, W), -math.inf, device=device)  # length-penalised; -inf = empty slot
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rank = torch.arange(2 * W, device=device)
+    image_offset = (torch.arange(B, device=device) * W)[:, None]  # (B, 1) row of each image's first beam
+    cache = None
+
+    for step in range(L):
+        logits, cache = model.decode_step(next_input, memory, cache)
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B*W, V)
+        V = logprobs.shape[-1]
+        if step == L - 1:  # out of room: only EOS may follow, with its real log-probability
+            eos_logprob = logprobs[:, eos].clone()
+            logprobs.fill_(-math.inf)
+            logprobs[:, eos] = eos_logprob
+        candidates = (live_scores[:, :, None] + logprobs.view(B, W, V)).view(B, W * V)  # (B, W*V)
+        # 2W candidates: at most W of them end in EOS (one per parent), so W live beams always remain
+        top_scores, top_index = candidates.topk(2 * W, dim=1)  # (B, 2W)
+        parent, token = top_index // V, top_index % V  # (B, 2W) each, integer math
+        ends = token == eos
+
+        # finished: EOS candidates ranked among the top W, for images not already done
+        new_final = ends & (rank < W) & ~done[:, None]  # (B, 2W)
+        final_scores = torch.where(new_final, top_scores / float(step + 1) ** length_penalty,
+                                   torch.full_like(top_scores, -math.inf))
+        final_ids = torch.full((B, 2 * W, L), eos, dtype=torch.long, device=device)
+        final_ids[:, :, :step] = generated.view(B, W, step).gather(
+            1, parent[:, :, None].expand(B, 2 * W, step))  # (B, 2W, step), EOS already at position step
+        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (B, 3W)
+        finished_scores, keep = pool_scores.topk(W, dim=1)  # (B, W)
+        finished_ids = torch.cat([finished_ids, final_ids], dim=1).gather(1, keep[:, :, None].expand(B, W, L))
+        done = done | (finished_scores > -math.inf).all(dim=1)
+        # One host sync per step to stop early once every image is done; cheaper than running to L.
+        if step == L - 1 or bool(done.all()):
+            break
+
+        # live: the best W candidates that do not end in EOS, kept in rank order
+        order = (rank + ends * 2 * W).argsort(dim=1)[:, :W]  # (B, W)
+        live_scores = top_scores.gather(1, order)
+        beam_parent = (image_offset + parent.gather(1, order)).view(B * W)  # (B*W,) flat parent row
+        next_input = token.gather(1, order).view(B * W, 1)
+        generated = torch.cat([generated[beam_parent], next_input], dim=1)  # (B*W, step+1)
+        cache.reorder_cache(beam_parent)
+
+    best_scores, best = finished_scores.max(dim=1)  # (B,)
+    best_ids = finished_ids[torch.arange(B, device=device), best]  # (B, L)
+    lengths = (best_ids != eos).sum(dim=1) + 1  # tokens before EOS cannot be EOS, so this counts EOS once
+    return best_ids[:, : int(lengths.max())], best_scores
+
+
+def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
+    """ids (B, L) from beam_search -> one caption per row, cut at the first EOS."""
+    texts = []
+    eos = tokenizer.eos_token_id
+    for row in ids.tolist():
+        row = row[: row.index(eos)] if eos in row else row
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+@torch.no_grad()
+def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, device="cpu", batch_size: int = 128,
+                         max_length: int = 30, length_penalty: float = 1.0) -> list[str]:
+    """image_tokens (N, K, D), an array or memmap, in order -> N captions, decoded in batches in the given
+    order (no shuffling). The caller sets model.eval()."""
+    captions = []
+    for start in range(0, len(image_tokens), batch_size):
+        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size])).to(device)  # (b, K, D), a copy
+        ids, _ = beam_search(model, batch, beam_size, max_length, length_penalty)
+        captions.extend(ids_to_text(tokenizer, ids))
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- the model archive (model.pt) ----
+# Plain data only: tensors, numbers, strings, lists and dicts. torch.load(weights_only=True) reads it, so
+# loading a file never runs code from it.
+
+class ArchiveError(ValueError):
+    """A file that is not a loadable, plain-data captioner archive or checkpoint."""
+
+
+def atomic_write(path: str, write):
+    """Call write(binary file) on a temporary file in the same folder, fsync, then rename it over `path`: a
+    crash leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # a damaged EXIF block should not make the picture unreadable
-        return image.copy()
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared results or cache folder needs the umask
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit greyscale: PIL's convert("RGB") clips instead of scaling, so scale to 8 bits ourselves
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        # transparent pixels become white, as in a browser, not black
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def cpu_state_dict(module: nn.Module) -> dict:
+    """module.state_dict() on the CPU, tied tensors kept tied: GPT-2's lm_head and wte are one tensor, which
+    .cpu() per key would copy twice off a GPU (and torch.save would then store twice)."""
+    copies, state = {}, {}
+    for key, tensor in module.state_dict().items():
+        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
+                    tensor.stride(), tensor.dtype)
+        if identity not in copies:
+            copies[identity] = tensor.detach().cpu()
+        state[key] = copies[identity]
+    return state
+
+
+def atomic_torch_save(obj, path: str):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_torch_load(path: str, expected_format: str, expected_version: int = ARCHIVE_VERSION) -> dict:
+    """torch.load(weights_only=True) with errors that name the file and the problem."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # the safe unpickler names the class or function it refused ("Unsupported global: GLOBAL x.y")
+        refused = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
+        if "Weights only load failed" not in str(e) or refused is None:
+            raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)") from None
+        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects ({refused.group(0)}), "
+                           f"which could run arbitrary code. Only plain-data files written by this project are "
+                           f"accepted; nothing in the file was executed.") from None
+    except Exception as e:  # torch raises many kinds on damaged input (RuntimeError, EOFError, KeyError, ...)
+        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): "
+                           f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(obj, dict) or obj.get("format") != expected_format:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")
+    if obj.get("version") != expected_version:
+        raise ArchiveError(f"{path}: {expected_format} version {obj.get('version')!r} is not supported "
+                           f"(this code reads version {expected_version})")
+    return obj
+
+
+def tokenizer_to_data(tokenizer) -> dict:
+    return {"json": tokenizer.backend_tokenizer.to_str(), "eos_token": tokenizer.eos_token}
+
+
+def tokenizer_from_data(data: dict):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(data["json"]),
+                                   eos_token=data["eos_token"], bos_token=data["eos_token"])
+
+
+def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
+    """Write the model archive: weights, config, tokenizer and preprocessing, all plain data."""
+    archive = {
+        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
+        "config": asdict(model.config),
+        "state_dict": cpu_state_dict(model),
+        "tokenizer": tokenizer_to_data(tokenizer),
+        "preprocessing": preprocessing,
+        "metadata": metadata or {},
+    }
+    atomic_torch_save(archive, path)
+
+
+def load_model(path: str):
+    """Read a model archive -> (model on CPU in eval mode, tokenizer, archive dict)."""
+    archive = safe_torch_load(path, ARCHIVE_FORMAT)
+    try:
+        config = CaptionerConfig(**archive["config"])
+        model = CaptionModel(config)
+        model.load_state_dict(archive["state_dict"], strict=True)
+        tokenizer = tokenizer_from_data(archive["tokenizer"])
+    except Exception as e:  # missing keys, wrong shapes, a tokenizer that does not parse
+        raise ArchiveError(f"{path}: damaged model archive: {type(e).__name__}: {str(e)[:300]}") from None
+    return model.eval(), tokenizer, archive
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,24 +401,6 @@ def check_backbone_name(name: str) -> str:
         raise ValueError(f"{name}: {PLANNED_BACKBONES[name]}; available backbones: {available}")
     raise ValueError(f"unknown vision backbone {name!r}; available backbones: {available}")
 
-
-def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
-    """A path or PIL image -> a float tensor (3, size, size) ready for a backbone. A plain function of the
-    backbone's `preprocessing` dict, so DataLoader workers need no model."""
-    image = load_image(image)
-    size = preprocessing["size"]
-    if preprocessing["resize"] == "squash":
-        image = image.resize((size, size), Image.BICUBIC)
-    else:  # "shorter_side_then_center_crop", as CLIP preprocesses
-        scale = size / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((width, height), Image.BICUBIC)
-        left, top = (width - size) // 2, (height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
-    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
-    return (pixels - mean) / std
 
 
 class VisionBackbone(nn.Module):
@@ -230,6 +500,36 @@ class BLIPBackbone(VisionBackbone):
         side = self.patches_per_side
         return hidden[:, 0], patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D), (B, D, h, w)
 
+
+# Python types a BLIP/LAVIS checkpoint may pickle next to its tensors (their training scripts store the run's
+# settings in it). Rebuilding these runs no code from the file; anything else is refused.
+def embedding_precision(device, precision: str) -> str:
+    """What a backbone really runs in: "16" or "bf16" autocast on CUDA; fp32 ("32") elsewhere."""
+    if precision not in ("32", "16", "bf16"):
+        raise ValueError(f"precision must be 32, 16 or bf16, not {precision!r}")
+    return precision if torch.device(device).type == "cuda" else "32"
+
+
+def backbone_autocast(device, precision: str):
+    """The autocast context a backbone runs in for `precision` on `device` (see embedding_precision)."""
+    precision = embedding_precision(device, precision)
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "16" else torch.bfloat16)
+
+
+def load_backbone(name: str) -> VisionBackbone:
+    """Build a frozen backbone by name (see available_backbones()), in eval mode."""
+    check_backbone_name(name)
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0()
+    if name in BLIP_CHECKPOINTS:
+        return BLIPBackbone(name)
+    return CLIPBackbone(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- BLIP: LAVIS's checkpoint in transformers' BlipVisionModel ----
 
 # Python types a BLIP/LAVIS checkpoint may pickle next to its tensors (their training scripts store the run's
 # settings in it). Rebuilding these runs no code from the file; anything else is refused.
@@ -337,307 +637,68 @@ def _blip_vision_from_lavis_state(state: dict, path: str, num_heads: int | None)
     return model.eval().requires_grad_(False)
 
 
-def load_backbone(name: str) -> VisionBackbone:
-    """Build a frozen backbone by name (see available_backbones()), in eval mode."""
-    check_backbone_name(name)
-    if name == "efficientnet-lite0":
-        return EfficientNetLite0()
-    if name in BLIP_CHECKPOINTS:
-        return BLIPBackbone(name)
-    return CLIPBackbone(name)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# ---- the caption model ----
+# ---- images ----
 
-@dataclass
-class CaptionerConfig:
-    vision_backbone: str  # name passed to load_backbone()
-    image_grid: int  # image tokens per image = 1 + image_grid**2 (0: the single global embedding)
-    image_width: int  # D, width of the backbone's image tokens
-    decoder: dict  # the GPT-2 config as a plain dict (GPT2Config.to_dict()), add_cross_attention=True
-    eos_token_id: int  # ends every caption; GPT-2 also uses it as the start token
-    language_model: str = ""  # where the decoder weights came from (a name or a directory), for the record
-
-    @property
-    def num_image_tokens(self) -> int:
-        return 1 + self.image_grid ** 2
-
-
-# Short names the original used -> their current repositories on the Hugging Face hub.
-LANGUAGE_MODELS = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/gpt2",
-                   "gpt2-medium": "openai-community/gpt2-medium", "gpt2-large": "openai-community/gpt2-large"}
-
-
-class CaptionModel(nn.Module):
-    """Image tokens (B, K, D) -> a learned projection (Linear + per-slot embedding + LayerNorm) to the
-    decoder width C -> the memory that every decoder layer cross-attends to. The decoder is a GPT-2 LM."""
-
-    def __init__(self, config: CaptionerConfig, decoder=None):
-        super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-        self.config = config
-        if decoder is None:
-            decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
-        if not decoder.config.add_cross_attention:
-            raise ValueError("the decoder must be built with add_cross_attention=True")
-        self.decoder = decoder
-        self.cache_argument = _cache_argument(decoder)
-        width = decoder.config.n_embd
-        self.image_projection = nn.Linear(config.image_width, width)
-        # a learned embedding per image-token slot, so the decoder can tell the global token from each
-        # grid cell (cross-attention itself is order-blind)
-        self.image_slot_embedding = nn.Parameter(torch.zeros(config.num_image_tokens, width))
-        self.image_norm = nn.LayerNorm(width)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.config.eos_token_id
-
-    def encode_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """image_tokens (B, K, D) in any float dtype -> memory (B, K, C)."""
-        if image_tokens.shape[1:] != (self.config.num_image_tokens, self.config.image_width):
-            raise ValueError(f"expected image tokens of shape (B, {self.config.num_image_tokens}, "
-                             f"{self.config.image_width}), got {tuple(image_tokens.shape)}")
-        x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
-        return self.image_norm(x + self.image_slot_embedding)
-
-    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
-        """Teacher forcing. image_tokens (B, K, D), input_ids (B, T) right-padded -> logits (B, T, V), or
-        logits (N, V) at `positions`, flat indices (N,) into the B*T positions. With a 50k vocabulary the output
-        layer is most of the cost, so training asks only for the positions that have a label; indices (rather
-        than a boolean mask) keep the GPU from waiting to learn N.
-        Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
-        memory = self.encode_images(image_tokens)
-        hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
-                                          use_cache=False).last_hidden_state  # (B, T, C)
-        if positions is not None:
-            hidden = hidden.flatten(0, 1).index_select(0, positions)  # (N, C)
-        return self.decoder.lm_head(hidden)
-
-    def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
-        """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
-        -> logits (N, V) for the next token, and the updated cache."""
-        output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
-                              use_cache=True, **{self.cache_argument: cache})
-        # transformers 5.24 calls the output field `cache` too; earlier releases `past_key_values`
-        return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
-
-
-def _cache_argument(decoder) -> str:
-    # transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still works, with a
-    # warning, until 5.40); GPU machines run 5.17, which knows only the old name.
-    import inspect
-    parameters = inspect.signature(type(decoder).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
-    """A new caption model whose decoder starts from a pretrained GPT-2-family LM (a hub name or a local
-    directory holding a saved model and tokenizer). The cross-attention layers start random.
-    Returns (model, tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
-    from transformers.utils import logging as transformers_logging
-    source = LANGUAGE_MODELS.get(language_model, language_model)
-    model_type = AutoConfig.from_pretrained(source).model_type
-    if model_type != "gpt2":
-        raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    # transformers reports every cross-attention weight as "missing" (they are new, so that is expected);
-    # quiet it for this one call and say it once, plainly
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
+def load_image(image) -> Image.Image:
+    """A path, binary file object or PIL image -> an RGB PIL image, EXIF orientation applied, any mode."""
+    if isinstance(image, Image.Image):
+        return _to_rgb(_upright(image))
+    source = image if hasattr(image, "read") else os.fspath(image)
     try:
-        decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} cross-attention "
-          f"layers start from random weights")
-    decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
-    config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
-                             decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
-                             language_model=language_model)
-    return CaptionModel(config, decoder), tokenizer
+        with Image.open(source) as opened:
+            opened.load()
+            return _to_rgb(_upright(opened))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{getattr(source, 'name', source) if hasattr(source, 'read') else source}: "
+                         f"cannot read this image ({e})") from e
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ---- beam search ----
-
-@torch.no_grad()
-def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int = 1, max_length: int = 30,
-                length_penalty: float = 1.0):
-    """Batched beam search: all images x beams go through the decoder as one batch per step, with the
-    decoder's KV cache reordered by each surviving beam's parent.
-
-    image_tokens: (B, K, D) backbone tokens.
-    max_length: the most tokens a caption may have, its EOS included; the last step may only emit EOS.
-    Score of a finished caption = (sum of its token log-probabilities, EOS included) / length**length_penalty.
-    An image is done once it holds `beam_size` finished captions (as in Whisper); so beam_size=1 is
-    exactly greedy decoding.
-    Returns ids (B, L) int64 (each row ends with EOS and is padded with EOS; L <= max_length) and
-    scores (B,) float32, both on the input's device. Does not change the model's train/eval mode.
-    """
-    assert beam_size >= 1 and max_length >= 1
-    device = image_tokens.device
-    B, W, L, eos = image_tokens.shape[0], beam_size, max_length, model.eos_token_id
-    memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams of an image adjacent
-
-    generated = torch.zeros(B * W, 0, dtype=torch.long, device=device)  # live beams' tokens so far
-    next_input = torch.full((B * W, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
-    live_scores = torch.zeros(B, W, device=device)
-    live_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one expand at step 0
-    finished_ids = torch.full((B, W, L), eos, dtype=torch.long, device=device)
-    finished_scores = torch.full((B, W), -math.inf, device=device)  # length-penalised; -inf = empty slot
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    rank = torch.arange(2 * W, device=device)
-    image_offset = (torch.arange(B, device=device) * W)[:, None]  # (B, 1) row of each image's first beam
-    cache = None
-
-    for step in range(L):
-        logits, cache = model.decode_step(next_input, memory, cache)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B*W, V)
-        V = logprobs.shape[-1]
-        if step == L - 1:  # out of room: only EOS may follow, with its real log-probability
-            eos_logprob = logprobs[:, eos].clone()
-            logprobs.fill_(-math.inf)
-            logprobs[:, eos] = eos_logprob
-        candidates = (live_scores[:, :, None] + logprobs.view(B, W, V)).view(B, W * V)  # (B, W*V)
-        # 2W candidates: at most W of them end in EOS (one per parent), so W live beams always remain
-        top_scores, top_index = candidates.topk(2 * W, dim=1)  # (B, 2W)
-        parent, token = top_index // V, top_index % V  # (B, 2W) each, integer math
-        ends = token == eos
-
-        # finished: EOS candidates ranked among the top W, for images not already done
-        new_final = ends & (rank < W) & ~done[:, None]  # (B, 2W)
-        final_scores = torch.where(new_final, top_scores / float(step + 1) ** length_penalty,
-                                   torch.full_like(top_scores, -math.inf))
-        final_ids = torch.full((B, 2 * W, L), eos, dtype=torch.long, device=device)
-        final_ids[:, :, :step] = generated.view(B, W, step).gather(
-            1, parent[:, :, None].expand(B, 2 * W, step))  # (B, 2W, step), EOS already at position step
-        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (B, 3W)
-        finished_scores, keep = pool_scores.topk(W, dim=1)  # (B, W)
-        finished_ids = torch.cat([finished_ids, final_ids], dim=1).gather(1, keep[:, :, None].expand(B, W, L))
-        done = done | (finished_scores > -math.inf).all(dim=1)
-        # One host sync per step to stop early once every image is done; cheaper than running to L.
-        if step == L - 1 or bool(done.all()):
-            break
-
-        # live: the best W candidates that do not end in EOS, kept in rank order
-        order = (rank + ends * 2 * W).argsort(dim=1)[:, :W]  # (B, W)
-        live_scores = top_scores.gather(1, order)
-        beam_parent = (image_offset + parent.gather(1, order)).view(B * W)  # (B*W,) flat parent row
-        next_input = token.gather(1, order).view(B * W, 1)
-        generated = torch.cat([generated[beam_parent], next_input], dim=1)  # (B*W, step+1)
-        cache.reorder_cache(beam_parent)
-
-    best_scores, best = finished_scores.max(dim=1)  # (B,)
-    best_ids = finished_ids[torch.arange(B, device=device), best]  # (B, L)
-    lengths = (best_ids != eos).sum(dim=1) + 1  # tokens before EOS cannot be EOS, so this counts EOS once
-    return best_ids[:, : int(lengths.max())], best_scores
-
-
-def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
-    """ids (B, L) from beam_search -> one caption per row, cut at the first EOS."""
-    texts = []
-    eos = tokenizer.eos_token_id
-    for row in ids.tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- the model archive (model.pt) ----
-# Plain data only: tensors, numbers, strings, lists and dicts. torch.load(weights_only=True) reads it, so
-# loading a file never runs code from it.
-
-class ArchiveError(ValueError):
-    """A file that is not a loadable, plain-data captioner archive or checkpoint."""
-
-
-def atomic_write(path: str, write):
-    """Call write(binary file) on a temporary file in the same folder, fsync, then rename it over `path`: a
-    crash leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag (phones store pictures sideways and set it) -> a new image."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block should not make the picture unreadable
+        return image.copy()
 
 
-def atomic_torch_save(obj, path: str):
-    atomic_write(path, lambda f: torch.save(obj, f))
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: PIL's convert("RGB") clips instead of scaling, so scale to 8 bits ourselves
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # transparent pixels become white, as in a browser, not black
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def safe_torch_load(path: str, expected_format: str, expected_version: int = ARCHIVE_VERSION) -> dict:
-    """torch.load(weights_only=True) with errors that name the file and the problem."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # the safe unpickler names the class or function it refused ("Unsupported global: GLOBAL x.y")
-        refused = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
-        if "Weights only load failed" not in str(e) or refused is None:
-            raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)") from None
-        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects ({refused.group(0)}), "
-                           f"which could run arbitrary code. Only plain-data files written by this project are "
-                           f"accepted; nothing in the file was executed.") from None
-    except Exception as e:  # torch raises many kinds on damaged input (RuntimeError, EOFError, KeyError, ...)
-        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): "
-                           f"{type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(obj, dict) or obj.get("format") != expected_format:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")
-    if obj.get("version") != expected_version:
-        raise ArchiveError(f"{path}: {expected_format} version {obj.get('version')!r} is not supported "
-                           f"(this code reads version {expected_version})")
-    return obj
+def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
+    """A path or PIL image -> a float tensor (3, size, size) ready for a backbone. A plain function of the
+    backbone's `preprocessing` dict, so DataLoader workers need no model."""
+    image = load_image(image)
+    size = preprocessing["size"]
+    if preprocessing["resize"] == "squash":
+        image = image.resize((size, size), Image.BICUBIC)
+    else:  # "shorter_side_then_center_crop", as CLIP preprocesses
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
+    return (pixels - mean) / std
 
-
-def tokenizer_to_data(tokenizer) -> dict:
-    return {"json": tokenizer.backend_tokenizer.to_str(), "eos_token": tokenizer.eos_token}
-
-
-def tokenizer_from_data(data: dict):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(data["json"]),
-                                   eos_token=data["eos_token"], bos_token=data["eos_token"])
-
-
-def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
-    """Write the model archive: weights, config, tokenizer and preprocessing, all plain data."""
-    archive = {
-        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
-        "config": asdict(model.config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "tokenizer": tokenizer_to_data(tokenizer),
-        "preprocessing": preprocessing,
-        "metadata": metadata or {},
-    }
-    atomic_torch_save(archive, path)
-
-
-def load_model(path: str):
-    """Read a model archive -> (model on CPU in eval mode, tokenizer, archive dict)."""
-    archive = safe_torch_load(path, ARCHIVE_FORMAT)
-    try:
-        config = CaptionerConfig(**archive["config"])
-        model = CaptionModel(config)
-        model.load_state_dict(archive["state_dict"], strict=True)
-        tokenizer = tokenizer_from_data(archive["tokenizer"])
-    except Exception as e:  # missing keys, wrong shapes, a tokenizer that does not parse
-        raise ArchiveError(f"{path}: damaged model archive: {type(e).__name__}: {str(e)[:300]}") from None
-    return model.eval(), tokenizer, archive
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -652,9 +713,11 @@ class Captioner(nn.Module):
         tokens = cap.encode([img1, img2])        # (B, K, D) image tokens, what beam_search takes
     """
 
-    def __init__(self, backbone: VisionBackbone, model: CaptionModel, tokenizer):
+    def __init__(self, backbone: VisionBackbone, model: CaptionModel, tokenizer, embedding_precision: str = "32"):
         super().__init__()
         self.backbone, self.model, self.tokenizer = backbone, model, tokenizer
+        # the backbone runs as it did for the training images ("16": fp16 autocast on CUDA; fp32 elsewhere)
+        self.embedding_precision = embedding_precision
 
     @classmethod
     def load(cls, path: str) -> "Captioner":
@@ -665,7 +728,8 @@ class Captioner(nn.Module):
             raise ArchiveError(f"{path}: the backbone {backbone.name} now preprocesses images as "
                                f"{backbone.preprocessing} with width {backbone.width}, but the model was "
                                f"trained on {archive['preprocessing']} with width {model.config.image_width}")
-        return cls(backbone, model, tokenizer).eval()
+        precision = archive["metadata"].get("embedding_precision", "32")
+        return cls(backbone, model, tokenizer, precision).eval()
 
     @property
     def device(self) -> torch.device:
@@ -673,9 +737,12 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
-        """A list of paths or PIL images -> image tokens (B, K, D), float32."""
+        """A list of paths or PIL images -> image tokens (B, K, D), float32: exactly the tokens that training
+        cached for the same image (same precision, rounded to float16 as the cache stores them)."""
         pixels = torch.stack([self.backbone.preprocess(image) for image in images]).to(self.device)
-        return self.backbone.image_tokens(pixels, self.model.config.image_grid).float()
+        with backbone_autocast(self.device, self.embedding_precision):
+            tokens = self.backbone.image_tokens(pixels, self.model.config.image_grid)
+        return tokens.float().half().float()
 
     @torch.no_grad()
     def forward(self, images, beam_size: int = 1, max_length: int = 30, length_penalty: float = 1.0):

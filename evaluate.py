@@ -19,28 +19,10 @@ import re
 import time
 from collections import Counter
 
-import numpy as np
-import torch
 from sacrebleu.metrics import BLEU
 
-from captioner import ArchiveError, beam_search, default_device, ids_to_text, load_model
-from train import atomic_write_text, cached_image_tokens, default_cache_dir, drop_unreadable, read_karpathy
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- decoding ----
-
-@torch.no_grad()
-def decode_image_tokens(model, tokenizer, image_tokens, beam_size: int, device, batch_size: int = 128,
-                        max_length: int = 30, length_penalty: float = 1.0) -> list[str]:
-    """image_tokens (N, K, D), an array or memmap, in order -> N captions. Batches follow the split's order
-    (no shuffling); the caller sets model.eval()."""
-    captions = []
-    for start in range(0, len(image_tokens), batch_size):
-        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size])).to(device)  # (b, K, D), a copy
-        ids, _ = beam_search(model, batch, beam_size, max_length, length_penalty)
-        captions.extend(ids_to_text(tokenizer, ids))
-    return captions
-
+from captioner import ArchiveError, caption_image_tokens, default_device, load_model
+from data import atomic_write_text, default_cache_dir, read_karpathy, split_image_tokens
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- BLEU ----
@@ -174,34 +156,32 @@ def main(args):
     model, tokenizer, archive = load_model(args.checkpoint)
     model.to(device).eval()
     config = model.config
-    items = read_karpathy(args.data_dir, args.split)
-    # the backbone runs as it did for the training images (fp16 autocast on CUDA, by default)
-    precision = archive["metadata"].get("embedding_precision", "32")
-    image_tokens, meta = cached_image_tokens(items, args.split, config.vision_backbone, config.image_grid,
-                                             args.cache_dir or default_cache_dir(), device,
-                                             num_workers=args.num_workers, precision=precision)
-    # An image that cannot be read has no caption to score: it is left out, named in meta["unreadable_file"]
-    # and counted in metrics.json, so that a figure on fewer images is never mistaken for the full split.
-    all_images = len(items)
-    items, image_tokens = drop_unreadable(items, image_tokens, meta)
+    all_items = read_karpathy(args.data_dir, args.split)
+    # The backbone runs as it did for the training images (fp16 autocast on CUDA, by default). An image that
+    # cannot be read has no caption to score: it is left out, named in meta["unreadable_file"] and counted in
+    # metrics.json, so that a figure on fewer images is never mistaken for the full split.
+    items, image_tokens, meta = split_image_tokens(
+        all_items, args.split, config.vision_backbone, config.image_grid, args.cache_dir or default_cache_dir(),
+        device, archive["metadata"].get("embedding_precision", "32"), args.num_workers)
+    all_images = len(all_items)
     if meta["preprocessing"] != archive["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing {meta['preprocessing']}, "
                          f"the model was trained with {archive['preprocessing']}")
-    references = [item["captions"] for item in items]
+    references = [item.captions for item in items]
     print(f"{args.split}: {len(items)} images, model {args.checkpoint} "
           f"({config.vision_backbone}, {config.num_image_tokens} image tokens, {config.language_model}), {device}")
 
     results, lines = [], []
     for beam_size in args.beam_size:
         start = time.time()
-        captions = decode_image_tokens(model, tokenizer, image_tokens, beam_size, device, args.batch_size,
-                                       args.max_length, args.length_penalty)
+        captions = caption_image_tokens(model, tokenizer, image_tokens, beam_size, device, args.batch_size,
+                                        args.max_length, args.length_penalty)
         seconds = time.time() - start
         sacre, signature = bleu4_sacrebleu(captions, references)
         results.append({"beam_size": beam_size, "bleu4_coco": bleu4_coco(captions, references),
                         "bleu4_sacrebleu": sacre, "bleu4_seed": bleu4_seed(captions, references, tokenizer),
                         "seconds": seconds})
-        lines += [json.dumps({"cocoid": item["cocoid"], "filename": item["filename"], "beam_size": beam_size,
+        lines += [json.dumps({"cocoid": item.cocoid, "filename": item.filename, "beam_size": beam_size,
                               "caption": caption}) for item, caption in zip(items, captions)]
     print(f"sacrebleu signature: {signature}")
     print("| beam size | BLEU-4 (COCO protocol) | BLEU-4 (sacrebleu) | BLEU-4 (original's protocol) | seconds |")

@@ -54,3 +54,52 @@ def write_dataset(root, splits=(("train", 16), ("val", 4), ("test", 4)), seed=0)
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_dataset(tmp_path / "data")
+
+
+# ---- helpers shared by several test files ----
+
+def run_train(argv):
+    import train
+    parser = train.get_args_parser()
+    args = parser.parse_args(argv)
+    train.check_args(args, parser)
+    train.main(args)
+
+
+def train_argv(data, decoder, clip, out, cache, *extra):
+    return ["--data-dir", data, "--vision-backbone", f"clip:{clip}", "--language-model", decoder,
+            "--image-grid", "2", "--out-dir", str(out), "--cache-dir", str(cache), "--batch-size", "4",
+            "--accumulate-grad-batches", "3", "--max-epochs", "2", "--lr", "1e-3", "--precision", "32",
+            "--device", "cpu", "--log-interval", "1", "--num-workers", "0", "--max-length", "8",
+            "--checkpoint-every", "0", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+VOCAB, EOS = 5, 4  # the tiny model's vocabulary: tokens 0-3 are words, 4 ends a caption
+
+
+def tiny_model(seed=0, vocab=VOCAB, eos=EOS, grid=1, width=6):
+    """A random 2-layer caption model over a 5-token vocabulary, in eval mode."""
+    import torch
+    from transformers import GPT2Config
+    from captioner import CaptionModel, CaptionerConfig
+    torch.manual_seed(seed)
+    decoder = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, add_cross_attention=True,
+                         bos_token_id=eos, eos_token_id=eos)
+    config = CaptionerConfig(vision_backbone="test", image_grid=grid, image_width=width,
+                             decoder=decoder.to_dict(), eos_token_id=eos)
+    model = CaptionModel(config).eval()
+    with torch.no_grad():  # sharpen the output so that sequences differ clearly in probability
+        model.decoder.lm_head.weight.mul_(4.0)
+        model.image_slot_embedding.normal_()
+    return model
+
+
+def image_tokens(model, batch, seed=1):
+    import torch
+    torch.manual_seed(seed)
+    return torch.randn(batch, model.config.num_image_tokens, model.config.image_width)

@@ -27,7 +27,7 @@ def test_round_trip_is_exact_and_loads_with_weights_only(archive):
     loaded, loaded_tokenizer, _ = load_model(path)
     tokens = torch.randn(3, model.config.num_image_tokens, model.config.image_width)
     input_ids = torch.randint(0, 50257, (3, 7))
-    torch.testing.assert_close(loaded(tokens, input_ids), model(tokens, input_ids), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(tokens, input_ids)[0], model(tokens, input_ids)[0], rtol=0, atol=0)
     assert loaded_tokenizer("A man riding a horse.")["input_ids"] == tokenizer("A man riding a horse.")["input_ids"]
     assert loaded_tokenizer.decode([32, 582, 13]) == "A man."
     assert not loaded.training
@@ -100,7 +100,7 @@ def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
     # a 1024-d backbone (CLIP ViT-L) in front of a 32-d decoder: nothing about either width is hard-coded
     model, tokenizer = build_model(small_decoder_dir, "clip:ViT-L/14", image_width=1024, image_grid=3)
     tokens = torch.randn(2, 10, 1024)
-    assert model(tokens, torch.randint(0, 50257, (2, 5))).shape == (2, 5, 50257)
+    assert model(tokens, torch.randint(0, 50257, (2, 5)))[0].shape == (2, 5, 50257)
     save_model(str(tmp_path / "m.pt"), model, tokenizer, {"size": 224})
     loaded, _, _ = load_model(str(tmp_path / "m.pt"))
     ids, _ = beam_search(loaded, tokens, beam_size=2, max_length=4)

@@ -6,34 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner import CaptionModel, CaptionerConfig, beam_search
-
-VOCAB, EOS = 5, 4  # tokens 0-3 are words, 4 ends a caption
-
-
-def tiny_model(seed=0, vocab=VOCAB, eos=EOS, grid=1, width=6):
-    from transformers import GPT2Config
-    torch.manual_seed(seed)
-    decoder = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, add_cross_attention=True,
-                         bos_token_id=eos, eos_token_id=eos)
-    config = CaptionerConfig(vision_backbone="test", image_grid=grid, image_width=width,
-                             decoder=decoder.to_dict(), eos_token_id=eos)
-    model = CaptionModel(config).eval()
-    with torch.no_grad():  # sharpen the output so that sequences differ clearly in probability
-        model.decoder.lm_head.weight.mul_(4.0)
-        model.image_slot_embedding.normal_()
-    return model
-
-
-def image_tokens(model, batch, seed=1):
-    torch.manual_seed(seed)
-    return torch.randn(batch, model.config.num_image_tokens, model.config.image_width)
-
+from captioner import beam_search
+from conftest import EOS, VOCAB, image_tokens, tiny_model
 
 def sequence_logprob(model, tokens, caption):
     """Sum of log-probabilities of caption (list of ids ending with EOS), by one teacher-forced forward."""
     input_ids = torch.tensor([[EOS] + caption[:-1]])
-    logprobs = F.log_softmax(model(tokens[None], input_ids)[0].double(), dim=-1)
+    logprobs = F.log_softmax(model(tokens[None], input_ids)[0][0].double(), dim=-1)
     return sum(logprobs[t, token].item() for t, token in enumerate(caption))
 
 
@@ -81,7 +60,7 @@ def greedy(model, tokens, max_length):
     """Plain greedy decoding without cache: argmax until EOS, EOS forced at max_length."""
     caption = []
     for step in range(max_length):
-        logits = model(tokens[None], torch.tensor([[EOS] + caption]))[0, -1]
+        logits = model(tokens[None], torch.tensor([[EOS] + caption]))[0][0, -1]
         token = EOS if step == max_length - 1 else int(logits.argmax())
         caption.append(token)
         if token == EOS:

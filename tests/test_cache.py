@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from captioner import load_backbone
-from test_training import run_train, train_argv
+import data
+from captioner import embedding_precision, load_backbone
+from conftest import run_train, train_argv
 
 
 def no_backbone():
@@ -17,7 +17,7 @@ def no_backbone():
 
 
 def test_cache_is_built_once_then_memory_mapped(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     loads = []
 
@@ -25,99 +25,99 @@ def test_cache_is_built_once_then_memory_mapped(tiny_dataset, tiny_clip_dir, tmp
         loads.append(1)
         return load_backbone(name)
 
-    tokens, meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0,
+    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0,
                                              get_backbone=get_backbone)
     assert tokens.shape == (16, 5, 32) and tokens.dtype == np.float16 and loads == [1]
     assert meta["preprocessing"]["size"] == 32
-    again, _ = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
+    again, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
     assert isinstance(again, np.memmap) and np.array_equal(again, tokens)
     # the cached tokens are what the backbone computes for each image, in order
     backbone = load_backbone(name)
     import torch
-    direct = backbone.image_tokens(torch.stack([backbone.preprocess(items[3]["path"])]), 2)
+    direct = backbone.image_tokens(torch.stack([backbone.preprocess(items[3].path)]), 2)
     np.testing.assert_allclose(tokens[3].astype(np.float32), direct[0].numpy(), atol=2e-2, rtol=1e-2)
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]  # no leftovers from the atomic write
 
 
 def test_other_settings_or_images_never_reuse_a_cache(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
-    first, _ = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
-    other_grid, _ = train.cached_image_tokens(items, "train", name, 1, str(tmp_path), num_workers=0)
+    first, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
+    other_grid, _ = data.cached_image_tokens(items, "train", name, 1, str(tmp_path), num_workers=0)
     assert other_grid.shape == (16, 2, 32)
-    fewer, _ = train.cached_image_tokens(items[:-1], "train", name, 2, str(tmp_path), num_workers=0)
+    fewer, _ = data.cached_image_tokens(items[:-1], "train", name, 2, str(tmp_path), num_workers=0)
     assert fewer.shape == (15, 5, 32)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".npy")]) == 3
 
 
 def test_a_damaged_cache_is_detected_and_rebuilt(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = train.read_karpathy(tiny_dataset, "val")
+    items = data.read_karpathy(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
-    tokens, _ = train.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
+    tokens, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     expected = np.array(tokens)
-    npy_path, meta_path, _ = train.cache_paths(str(tmp_path), "val", name, 2, items)
+    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    npy_path, meta_path = cache.path(".npy"), cache.path(".json")
     with open(npy_path, "r+b") as f:
         f.truncate(100)
-    rebuilt, _ = train.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
+    rebuilt, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     assert "rebuilding" in capsys.readouterr().out
     np.testing.assert_array_equal(np.array(rebuilt), expected)
     with open(meta_path, "w") as f:
         json.dump({"key": "something else"}, f)
-    rebuilt, _ = train.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
+    rebuilt, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     np.testing.assert_array_equal(np.array(rebuilt), expected)
 
 
 def spoil(items):
     """Row 1: a JPEG cut in half; row 2: a text file named .jpg; row 3: a missing file."""
-    with open(items[1]["path"], "rb") as f:
-        data = f.read()
-    with open(items[1]["path"], "wb") as f:
-        f.write(data[: len(data) // 2])
-    with open(items[2]["path"], "w") as f:
+    with open(items[1].path, "rb") as f:
+        picture = f.read()
+    with open(items[1].path, "wb") as f:
+        f.write(picture[: len(picture) // 2])
+    with open(items[2].path, "w") as f:
         f.write("not a picture")
-    os.remove(items[3]["path"])
+    os.remove(items[3].path)
 
 
 def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     spoil(items)
     name = f"clip:{tiny_clip_dir}"
-    tokens, meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
+    kept, view, meta = data.split_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
+    tokens = np.load(meta["unreadable_file"].replace(".unreadable.json", ".npy"), mmap_mode="r")
     assert meta["unreadable"] == [1, 2, 3]
     assert not tokens[1:4].any() and all(tokens[i].any() for i in range(16) if i not in (1, 2, 3))
     with open(meta["unreadable_file"]) as f:
         listed = json.load(f)
     assert listed == meta["unreadable_images"]
-    assert [(r["row"], r["cocoid"], r["path"]) for r in listed] == [(i, i, items[i]["path"]) for i in (1, 2, 3)]
+    assert [(r["row"], r["cocoid"], r["path"]) for r in listed] == [(i, i, items[i].path) for i in (1, 2, 3)]
     assert "truncated" in listed[0]["error"].lower() and "cannot identify" in listed[1]["error"]
     assert "No such file" in listed[2]["error"]
-    warning = f"warning: 3 of 16 train images could not be read; their tokens are zeros and training leaves them " \
-              f"out. The list: {meta['unreadable_file']}"
+    warning = f"warning: 3 of 16 train images could not be read and are left out. The list: {meta['unreadable_file']}"
     assert warning in capsys.readouterr().out
-    again, _ = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
+    kept, view, _ = data.split_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
     assert warning in capsys.readouterr().out  # reusing the cache says it again: never silent
-
-    kept, view = train.drop_unreadable(items, again, meta)
-    assert [item["cocoid"] for item in kept] == [0] + list(range(4, 16))
+    again, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
+    assert [item.cocoid for item in kept] == [0] + list(range(4, 16))
     assert view.shape == (13, 5, 32) and len(view) == 13
     np.testing.assert_array_equal(view[[0, 1, 12]], tokens[[0, 4, 15]])  # item positions -> cache rows
     np.testing.assert_array_equal(view[1:3], tokens[4:6])
     readable = again[4:]
-    assert train.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable  # nothing to drop: no view
+    assert data.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable  # nothing to drop: no view
 
 
 def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "val")
+    items = data.read_karpathy(tiny_dataset, "val")
     for item in items:
-        with open(item["path"], "w") as f:
+        with open(item.path, "w") as f:
             f.write("not a picture")
     with pytest.raises(ValueError, match=r"none of the 4 val images could be read \(the list: .*unreadable.json\); "
                                          r"the first: .*000000000016.jpg: "):
-        train.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
+        data.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
 
 
 def test_training_leaves_unreadable_images_out(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path, capsys):
-    spoil(train.read_karpathy(tiny_dataset, "train"))
+    spoil(data.read_karpathy(tiny_dataset, "train"))
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                          "--max-epochs", "1"))
     out = capsys.readouterr().out
@@ -144,18 +144,18 @@ def counting(backbone, seen, stop_after_batches=None):
 
 
 def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
-    expected, _ = train.cached_image_tokens(items, "train", name, 2, str(tmp_path / "a"), batch_size=4, num_workers=0)
+    expected, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "a"), batch_size=4, num_workers=0)
     first, second = [], []
     with pytest.raises(Interrupt):  # stopped after two batches of four
-        train.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=0,
+        data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=0,
                                   get_backbone=lambda: counting(load_backbone(name), first, stop_after_batches=2))
     assert first == [4, 4]
     partial = [f for f in os.listdir(tmp_path / "b") if ".partial" in f]
-    assert len(partial) == 3 and all(f.startswith(os.path.basename(train.TokenCache.of(
+    assert len(partial) == 3 and all(f.startswith(os.path.basename(data.TokenCache.of(
         items, "train", name, 2, str(tmp_path / "b")).stem)) for f in partial)  # named after the cache key
-    tokens, meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4,
+    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4,
                                              num_workers=2, get_backbone=lambda: counting(load_backbone(name), second))
     assert second == [4, 4]  # only the eight images not done before
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
@@ -163,35 +163,35 @@ def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_d
 
 
 def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = train.read_karpathy(tiny_dataset, "val")
+    items = data.read_karpathy(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     with pytest.raises(Interrupt):
-        train.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
+        data.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
                                   get_backbone=lambda: counting(load_backbone(name), [], stop_after_batches=1))
-    cache = train.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
     with open(cache.path(".partial.npy"), "r+b") as f:
         f.truncate(200)
     seen = []
-    tokens, _ = train.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
+    tokens, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
                                           get_backbone=lambda: counting(load_backbone(name), seen))
     assert "a damaged partial embedding cache" in capsys.readouterr().out and seen == [2, 2]
     assert tokens.shape == (4, 5, 32) and all(tokens[i].any() for i in range(4))
 
 
 def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
-    expected, expected_meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path / "one"),
+    expected, expected_meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "one"),
                                                         batch_size=4, num_workers=0)
-    cache = train.TokenCache.of(items, "train", name, 2, str(tmp_path / "two"))
+    cache = data.TokenCache.of(items, "train", name, 2, str(tmp_path / "two"))
     backbone = load_backbone(name)
-    train.prepare_token_cache(cache, backbone.width)  # rank 0, then a barrier
-    assert train.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=1, world_size=2) == 8
+    data.prepare_token_cache(cache, backbone.width)  # rank 0, then a barrier
+    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=1, world_size=2) == 8
     with pytest.raises(RuntimeError, match="8 of 16 images are not embedded yet"):
-        train.publish_token_cache(cache, items, backbone.preprocessing)
-    assert train.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=0, world_size=2) == 8
-    train.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
-    tokens, meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"), rank=1, world_size=2,
+        data.publish_token_cache(cache, items, backbone.preprocessing)
+    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=0, world_size=2) == 8
+    data.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
+    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"), rank=1, world_size=2,
                                              get_backbone=no_backbone)
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
     assert {k: v for k, v in meta.items() if "unreadable_file" != k} == \
@@ -199,24 +199,24 @@ def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_di
 
 
 def test_the_precision_is_part_of_the_key_and_cpu_stays_fp32(tiny_dataset):
-    items = train.read_karpathy(tiny_dataset, "val")
-    assert [train.embedding_precision(d, p) for d, p in [("cpu", "16"), ("cpu", "bf16"), ("cuda", "16"),
+    items = data.read_karpathy(tiny_dataset, "val")
+    assert [embedding_precision(d, p) for d, p in [("cpu", "16"), ("cpu", "bf16"), ("cuda", "16"),
                                                          ("cuda:1", "bf16"), ("cuda", "32")]] == \
         ["32", "32", "16", "bf16", "32"]
-    keys = {train.cache_paths("c", "val", "efficientnet-lite0", 3, items, p)[2] for p in ("32", "16", "bf16")}
+    keys = {data.TokenCache.of(items, "val", "efficientnet-lite0", 3, "c", p).key for p in ("32", "16", "bf16")}
     assert len(keys) == 3
     with pytest.raises(ValueError, match="precision must be 32, 16 or bf16, not 'fp16'"):
-        train.embedding_precision("cpu", "fp16")
+        embedding_precision("cpu", "fp16")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["16", "bf16"])
 def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_dataset, tiny_clip_dir, tmp_path):
-    items = train.read_karpathy(tiny_dataset, "train")
+    items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
-    fp32, _ = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
-    mixed, meta = train.cached_image_tokens(items, "train", name, 2, str(tmp_path), "cuda", num_workers=2,
+    fp32, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
+    mixed, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), "cuda", num_workers=2,
                                             precision=precision)
     assert meta["precision"] == precision
     np.testing.assert_allclose(np.array(mixed, np.float32), np.array(fp32, np.float32), atol=0.1, rtol=0.05)

@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import data as coco
 import train
 from conftest import write_dataset
 
@@ -72,7 +73,7 @@ SHA = hashlib.sha256(BODY).hexdigest()
 def test_a_dropped_transfer_is_resumed_with_a_range_request(serve, tmp_path):
     base, requests = serve({"/f.zip": BODY}, cut_first_at=70_000)
     path = str(tmp_path / "f.zip")
-    assert train.download_file(f"{base}/f.zip", path, len(BODY), SHA) == path
+    assert coco.download_file(f"{base}/f.zip", path, len(BODY), SHA) == path
     assert requests == [("/f.zip", None), ("/f.zip", "bytes=70000-")]
     assert open(path, "rb").read() == BODY and os.listdir(tmp_path) == ["f.zip"]
 
@@ -80,7 +81,7 @@ def test_a_dropped_transfer_is_resumed_with_a_range_request(serve, tmp_path):
 def test_a_partial_file_from_an_earlier_run_is_continued(serve, tmp_path):
     base, requests = serve({"/f.zip": BODY})
     (tmp_path / "f.zip.part").write_bytes(BODY[:1234])
-    train.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
+    coco.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
     assert requests == [("/f.zip", "bytes=1234-")]
     assert (tmp_path / "f.zip").read_bytes() == BODY and not (tmp_path / "f.zip.part").exists()
 
@@ -88,7 +89,7 @@ def test_a_partial_file_from_an_earlier_run_is_continued(serve, tmp_path):
 def test_a_server_that_ignores_range_gets_a_fresh_start(serve, tmp_path, capsys):
     base, requests = serve({"/f.zip": BODY}, ignore_range=True)
     (tmp_path / "f.zip.part").write_bytes(b"x" * 1234)  # not even a prefix: appending would corrupt the file
-    train.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
+    coco.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
     assert requests == [("/f.zip", "bytes=1234-")]
     assert (tmp_path / "f.zip").read_bytes() == BODY
     assert "the server does not resume downloads; starting over" in capsys.readouterr().out
@@ -98,30 +99,30 @@ def test_a_corrupt_download_is_rejected_and_not_left_in_place(serve, tmp_path):
     corrupt = bytearray(BODY)
     corrupt[100_000] ^= 1
     base, _ = serve({"/f.zip": bytes(corrupt)})
-    with pytest.raises(train.DownloadError, match=rf"{base}/f.zip: the downloaded file is corrupt \(SHA-256 "
+    with pytest.raises(coco.DownloadError, match=rf"{base}/f.zip: the downloaded file is corrupt \(SHA-256 "
                                                   rf"[0-9a-f]{{64}}, published {SHA}\); it was deleted"):
-        train.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
+        coco.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
     assert os.listdir(tmp_path) == []
 
 
 def test_a_file_of_another_size_is_refused_before_it_is_fetched(serve, tmp_path):
     base, _ = serve({"/f.zip": BODY + b"more"})
-    with pytest.raises(train.DownloadError, match="the server's file has 200,004 bytes, the published one 200,000"):
-        train.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
+    with pytest.raises(coco.DownloadError, match="the server's file has 200,004 bytes, the published one 200,000"):
+        coco.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
     (tmp_path / "g.zip").write_bytes(BODY[:10])  # an incomplete copy put in place by hand
-    with pytest.raises(train.DownloadError, match="g.zip: 10 bytes, but the published file has 200000"):
-        train.download_file(f"{base}/g.zip", str(tmp_path / "g.zip"), len(BODY), SHA)
+    with pytest.raises(coco.DownloadError, match="g.zip: 10 bytes, but the published file has 200000"):
+        coco.download_file(f"{base}/g.zip", str(tmp_path / "g.zip"), len(BODY), SHA)
 
 
 def test_without_network_the_error_gives_the_urls_and_the_manual_steps(tmp_path, monkeypatch):
-    for name in train.COCO_DOWNLOADS:
-        monkeypatch.setitem(train.COCO_DOWNLOADS, name, {**train.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
+    for name in coco.COCO_DOWNLOADS:
+        monkeypatch.setitem(coco.COCO_DOWNLOADS, name, {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
     data = tmp_path / "coco"
-    with pytest.raises(train.DownloadError) as error:
-        train.prepare_coco(str(data))
+    with pytest.raises(coco.DownloadError) as error:
+        coco.prepare_coco(str(data))
     message = str(error.value)
     assert "caption_datasets.zip: cannot connect" in message and "To set the data up by hand, download" in message
-    for name, spec in train.COCO_DOWNLOADS.items():
+    for name, spec in coco.COCO_DOWNLOADS.items():
         assert f"{spec['url']}  ({spec['size'] / 1e9:.2f} GB)  ->  {data / name}" in message
     assert "only dataset_coco.json is needed" in message and "extracted to train2014/ and val2014/" in message
 
@@ -156,25 +157,25 @@ def test_prepare_coco_downloads_what_is_missing_and_nothing_more(serve, tmp_path
     archives = karpathy_coco(str(tmp_path / "source"))
     base, requests = serve({f"/{name}": data for name, data in archives.items()})
     for name, data in archives.items():
-        monkeypatch.setitem(train.COCO_DOWNLOADS, name, {"url": f"{base}/{name}", "size": len(data),
+        monkeypatch.setitem(coco.COCO_DOWNLOADS, name, {"url": f"{base}/{name}", "size": len(data),
                                                          "sha256": hashlib.sha256(data).hexdigest()})
     data = tmp_path / "coco"
-    train.prepare_coco(str(data))
+    coco.prepare_coco(str(data))
     assert sorted(os.listdir(data)) == ["caption_datasets.zip", "dataset_coco.json", "train2014.zip", "val2014.zip"]
     assert (data / "dataset_coco.json").read_bytes() == (tmp_path / "source" / "dataset_coco.json").read_bytes()
     assert sorted(path for path, _ in requests) == ["/caption_datasets.zip", "/train2014.zip", "/val2014.zip"]
-    train.prepare_coco(str(data))  # everything there: no request
+    coco.prepare_coco(str(data))  # everything there: no request
     (data / "train2014.zip").unlink()
     (data / "train2014").mkdir()  # an extracted folder does as well as the zip
     (data / "val2014.zip").rename(data / "val2014.zip.part")  # as if it had been cut short... at its full size
-    train.prepare_coco(str(data))
+    coco.prepare_coco(str(data))
     assert len(requests) == 3 and (data / "val2014.zip").read_bytes() == archives["val2014.zip"]
 
 
 def test_a_dataset_with_its_own_images_downloads_nothing(tiny_dataset, tmp_path, monkeypatch):
-    for name in train.COCO_DOWNLOADS:  # any download attempt would fail loudly
-        monkeypatch.setitem(train.COCO_DOWNLOADS, name, {**train.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
-    train.prepare_coco(tiny_dataset)  # dataset_coco.json names only images/
+    for name in coco.COCO_DOWNLOADS:  # any download attempt would fail loudly
+        monkeypatch.setitem(coco.COCO_DOWNLOADS, name, {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
+    coco.prepare_coco(tiny_dataset)  # dataset_coco.json names only images/
     assert train.get_args_parser().parse_args([]).download
     assert not train.get_args_parser().parse_args(["--no-download"]).download
 
@@ -189,17 +190,17 @@ def test_images_read_from_zips_give_the_tokens_of_the_same_images_in_folders(tin
         (tmp_path / "folders" / name).unlink()
     name = f"clip:{tiny_clip_dir}"
     for split in ("train", "val"):
-        from_folders = train.read_karpathy(str(tmp_path / "folders"), split)
-        from_zips = train.read_karpathy(str(zipped), split)
+        from_folders = coco.read_karpathy(str(tmp_path / "folders"), split)
+        from_zips = coco.read_karpathy(str(zipped), split)
         folder = "train2014" if split == "train" else "val2014"
-        assert [item["path"] for item in from_zips] == \
-            [str(zipped / f"{folder}.zip" / folder / item["filename"]) for item in from_folders]
+        assert [item.path for item in from_zips] == \
+            [str(zipped / f"{folder}.zip" / folder / item.filename) for item in from_folders]
         with zipfile.ZipFile(zipped / f"{folder}.zip") as archive:
-            info = archive.getinfo(from_zips[0]["member"])
-        assert (from_zips[0]["bytes"], from_zips[0]["crc"]) == (info.file_size, info.CRC)
-        expected, _ = train.cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"), num_workers=0)
+            info = archive.getinfo(from_zips[0].source.member)
+        assert (from_zips[0].source.zip_size, from_zips[0].source.zip_crc) == (info.file_size, info.CRC)
+        expected, _ = coco.cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"), num_workers=0)
         for workers in (0, 2):  # each worker opens its own ZipFile
-            tokens, meta = train.cached_image_tokens(from_zips, split, name, 2, str(tmp_path / f"cache{workers}"),
+            tokens, meta = coco.cached_image_tokens(from_zips, split, name, 2, str(tmp_path / f"cache{workers}"),
                                                      batch_size=3, num_workers=workers)
             assert meta["unreadable"] == []
             np.testing.assert_array_equal(np.array(tokens), np.array(expected))
@@ -209,8 +210,8 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
     root = str(tmp_path / "data")
     karpathy_coco(root)
     shutil.rmtree(os.path.join(root, "val2014"))
-    items = train.read_karpathy(root, "val")
-    key = train.cache_paths(str(tmp_path), "val", "x", 2, items)[2]
+    items = coco.read_karpathy(root, "val")
+    key = coco.TokenCache.of(items, "val", "x", 2, str(tmp_path)).key
     with zipfile.ZipFile(os.path.join(root, "val2014.zip")) as archive:
         members = {m: archive.read(m) for m in archive.namelist()}
     names = sorted(members)  # 4 val images, then 4 test images
@@ -218,11 +219,11 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
         for i, member in enumerate(names):
             if i != 1:
                 archive.writestr(member, members[names[-1]] if i == 0 else members[member])
-    changed = train.read_karpathy(root, "val")
-    assert train.cache_paths(str(tmp_path), "val", "x", 2, changed)[2] != key
-    assert changed[1]["bytes"] == -1
-    _, meta = train.cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
-    assert meta["unreadable"] == [1] and meta["unreadable_images"][0]["error"].startswith("KeyError")
+    changed = coco.read_karpathy(root, "val")
+    assert coco.TokenCache.of(changed, "val", "x", 2, str(tmp_path)).key != key
+    assert changed[1].source.zip_size == -1
+    _, meta = coco.cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
+    assert meta["unreadable"] == [1] and meta["unreadable_images"][0]["error"].startswith("FileNotFoundError: no val2014/")
 
 
 def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
@@ -231,8 +232,8 @@ def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
     shutil.rmtree(os.path.join(root, "train2014"))
     os.remove(os.path.join(root, "train2014.zip"))
     with pytest.raises(FileNotFoundError, match=r"data/train2014: no such folder, and no train2014.zip beside it"):
-        train.read_karpathy(root, "train")
+        coco.read_karpathy(root, "train")
     with open(os.path.join(root, "train2014.zip"), "wb") as f:
         f.write(b"PK not really")
     with pytest.raises(ValueError, match=r"train2014.zip: not a readable zip archive .* Delete it and run again"):
-        train.read_karpathy(root, "train")
+        coco.read_karpathy(root, "train")

@@ -4,8 +4,7 @@ import json
 import pytest
 import torch
 
-from test_beam_search import image_tokens, tiny_model
-from test_training import run_train, train_argv
+from conftest import image_tokens, run_train, tiny_model, train_argv
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

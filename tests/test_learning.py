@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import train
-from captioner import load_model
-from evaluate import bleu4_coco, decode_image_tokens
-from test_training import run_train
+from captioner import caption_image_tokens, load_model
+from conftest import run_train
+from evaluate import bleu4_coco
 
 COCO_MINI = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini"))
 
@@ -30,17 +31,17 @@ def test_a_small_decoder_learns_to_caption_real_photographs(tmp_path):
                "--device", "cpu", "--cache-dir", cache, "--out-dir", str(tmp_path / "out"), "--log-interval", "40"])
 
     model, tokenizer, _ = load_model(str(tmp_path / "out" / "model.pt"))
-    items = train.read_karpathy(COCO_MINI, "val")
-    tokens, _ = train.cached_image_tokens(items, "val", "efficientnet-lite0", 3, cache)
-    references = [item["captions"] for item in items]
+    items = data.read_karpathy(COCO_MINI, "val")
+    tokens, _ = data.cached_image_tokens(items, "val", "efficientnet-lite0", 3, cache)
+    references = [item.captions for item in items]
     shuffled = np.roll(np.array(tokens), 1, axis=0)  # every image gets its neighbour's tokens
-    args = type("Args", (), {"eval_batch_size": 128, "device": "cpu", "precision": "32"})()
-    data = {"captions": train.tokenize_captions(tokenizer, items, 40), "eos": tokenizer.eos_token_id}
+    args = type("Args", (), {"eval_batch_size": 128, "precision": "32"})()
+    split = {"captions": train.tokenize_captions(tokenizer, items, 40), "eos": tokenizer.eos_token_id}
     with torch.no_grad():
-        loss = train.validation_loss(model, {**data, "tokens": tokens}, args)
-        loss_shuffled = train.validation_loss(model, {**data, "tokens": shuffled}, args)
-    bleu = bleu4_coco(decode_image_tokens(model, tokenizer, tokens, 1, "cpu"), references)
-    bleu_shuffled = bleu4_coco(decode_image_tokens(model, tokenizer, shuffled, 1, "cpu"), references)
+        loss = train.validation_loss(model, {**split, "tokens": tokens}, args, "cpu")
+        loss_shuffled = train.validation_loss(model, {**split, "tokens": shuffled}, args, "cpu")
+    bleu = bleu4_coco(caption_image_tokens(model, tokenizer, tokens, 1, "cpu"), references)
+    bleu_shuffled = bleu4_coco(caption_image_tokens(model, tokenizer, shuffled, 1, "cpu"), references)
     print(f"val loss {loss:.3f} (other images' tokens: {loss_shuffled:.3f}); "
           f"val BLEU-4 {bleu:.4f} (other images' tokens: {bleu_shuffled:.4f})")
     # Measured on 2 CPU cores: val loss 4.218 (other images' tokens: 4.303), BLEU-4 0.051 (0.038).

@@ -8,27 +8,9 @@ import pytest
 import torch
 
 import train
-from captioner import build_model, safe_torch_load
-
-
-def run_train(argv):
-    parser = train.get_args_parser()
-    args = parser.parse_args(argv)
-    train.check_args(args, parser)
-    train.main(args)
-
-
-def train_argv(data, decoder, clip, out, cache, *extra):
-    return ["--data-dir", data, "--vision-backbone", f"clip:{clip}", "--language-model", decoder,
-            "--image-grid", "2", "--out-dir", str(out), "--cache-dir", str(cache), "--batch-size", "4",
-            "--accumulate-grad-batches", "3", "--max-epochs", "2", "--lr", "1e-3", "--precision", "32",
-            "--device", "cpu", "--log-interval", "1", "--num-workers", "0", "--max-length", "8",
-            "--checkpoint-every", "0", *extra]
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+import data
+from captioner import CaptionModel, build_model, safe_torch_load
+from conftest import read_log, run_train, train_argv
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
@@ -76,8 +58,12 @@ def test_a_run_is_never_silently_overwritten(tiny_dataset, small_decoder_dir, ti
 
 def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
                                                     monkeypatch):
-    real = train.sequence_loss_sum
-    monkeypatch.setattr(train, "sequence_loss_sum", lambda logits, labels: real(logits, labels) * float("nan"))
+    real = CaptionModel.forward
+
+    def nan_loss(self, *args):
+        logits, loss = real(self, *args)
+        return logits, None if loss is None else loss * float("nan")
+    monkeypatch.setattr(CaptionModel, "forward", nan_loss)
     with pytest.raises(SystemExit, match="training loss is nan at step 0"):
         run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache"))
     assert not os.path.exists(tmp_path / "out" / "checkpoint.pt")
@@ -103,7 +89,7 @@ def test_accumulated_gradient_equals_the_one_big_batch(small_decoder_dir):
                 for n in (2, 9, 4, 14, 1, 6, 3, 11)]  # very different lengths on purpose
     image_tokens = np.random.default_rng(0).standard_normal((8, 2, 6)).astype(np.float16)
     pairs = [(i, 0) for i in range(8)]
-    args = SimpleNamespace(device="cpu", precision="32", world_size=1)
+    processes = train.Processes(rank=0, world_size=1, device="cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def gradients(split):
@@ -112,7 +98,7 @@ def test_accumulated_gradient_equals_the_one_big_batch(small_decoder_dir):
         for size in split:
             batches.append(train.make_batch(pairs[start:start + size], captions, image_tokens, tokenizer.eos_token_id))
             start += size
-        loss, tokens = train.accumulate_gradients(model, batches, scaler, args)
+        loss, tokens = train.accumulate_gradients(model, batches, scaler, processes, "32")
         return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss_big, tokens_big, grads_big = gradients([8])
@@ -138,7 +124,7 @@ def test_padding_is_never_trained_and_every_caption_ends_with_eos():
 def test_tokenized_captions_end_with_eos_and_respect_the_limit(small_decoder_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(small_decoder_dir)
-    items = [{"captions": ["A man riding a horse.", "word " * 50]}]
+    items = [SimpleNamespace(captions=["A man riding a horse.", "word " * 50])]
     ids = train.tokenize_captions(tokenizer, items, max_tokens=10)
     assert ids[0][0] == [32, 582, 10311, 257, 8223, 13, 50256]
     assert len(ids[0][1]) == 10 and ids[0][1][-1] == 50256
@@ -166,11 +152,11 @@ def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
 
 def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset_coco.json: no such file"):
-        train.read_karpathy(str(tmp_path), "train")
+        data.read_karpathy(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text("{not json")
     with pytest.raises(ValueError, match="dataset_coco.json: not a Karpathy-format split file"):
-        train.read_karpathy(str(tmp_path), "train")
+        data.read_karpathy(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "val", "filename": "a.jpg",
                                                                          "sentences": [{"raw": "x"}]}]}))
     with pytest.raises(ValueError, match=r"split 'train' has no images \(splits present: \['val'\]\)"):
-        train.read_karpathy(str(tmp_path), "train")
+        data.read_karpathy(str(tmp_path), "train")
