@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -91,8 +92,9 @@ def tokenize_captions(tokenizer, items, max_tokens: int) -> list[list[list[int]]
 
 def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) -> list[tuple[int, int]]:
     """(image, caption) pairs of one epoch, shuffled by a generator seeded from (seed, epoch) alone, so the
-    order can be recomputed on resume."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order can be recomputed on resume. The pair is hashed: no two (seed, epoch) pairs share an order."""
+    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     if one_caption_per_image:
         picks = [int(torch.randint(len(c), (1,), generator=generator)) for c in captions]
         pairs = list(enumerate(picks))

@@ -107,3 +107,41 @@ def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
     assert ids.shape[0] == 2
     with pytest.raises(ValueError, match=r"expected image tokens of shape \(B, 10, 1024\), got \(2, 10, 768\)"):
         loaded(torch.randn(2, 10, 768), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_saved_files_follow_the_umask(archive, tmp_path):
+    from captioner import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "f.json"), lambda f: f.write(b"{}"))
+        _, model, tokenizer = archive
+        save_model(str(tmp_path / "m.pt"), model, tokenizer, {"size": 32})
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "f.json").st_mode & 0o777) == oct(0o644)  # mkstemp alone gives 0600
+    assert oct(os.stat(tmp_path / "m.pt").st_mode & 0o777) == oct(0o644)
+
+
+def test_tied_weights_are_stored_once(archive):
+    from captioner import cpu_state_dict
+    state = cpu_state_dict(archive[1])
+    assert state["decoder.lm_head.weight"] is state["decoder.transformer.wte.weight"]
+    saved = torch.load(archive[0], weights_only=True)["state_dict"]
+    assert saved["decoder.lm_head.weight"].data_ptr() == saved["decoder.transformer.wte.weight"].data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: .cpu() copies each key off a GPU")
+def test_tied_weights_from_a_gpu_model_are_stored_once(archive):
+    from captioner import cpu_state_dict
+    state = cpu_state_dict(archive[1].cuda())
+    assert state["decoder.lm_head.weight"] is state["decoder.transformer.wte.weight"]
+
+
+def test_the_api_sees_the_image_tokens_that_training_cached(archive, tiny_dataset, tmp_path):
+    import data
+    items = data.read_karpathy(tiny_dataset, "val")
+    cap = Captioner.load(archive[0])
+    cached, _ = data.cached_image_tokens(items, "val", cap.model.config.vision_backbone, 2, str(tmp_path / "c"),
+                                         num_workers=0)
+    torch.testing.assert_close(cap.encode([item.path for item in items]), torch.from_numpy(cached[:]).float(),
+                               rtol=0, atol=0)  # same precision, rounded to float16 as the cache holds them

@@ -122,3 +122,10 @@ def test_finished_captions_stay_finished_and_do_not_change_the_model_mode():
     model.train()
     beam_search(model, tokens, beam_size=2, max_length=4)
     assert model.training  # decoding leaves the mode to its caller
+
+
+def test_bad_sizes_are_errors_not_asserts():
+    model = tiny_model()
+    for beam_size, max_length in ((0, 5), (2, 0)):
+        with pytest.raises(ValueError, match="beam_size and max_length must be at least 1"):
+            beam_search(model, image_tokens(model, 1), beam_size, max_length)

@@ -220,3 +220,24 @@ def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_data
                                             precision=precision)
     assert meta["precision"] == precision
     np.testing.assert_allclose(np.array(mixed, np.float32), np.array(fp32, np.float32), atol=0.1, rtol=0.05)
+
+
+def test_a_moved_data_folder_keeps_its_cache(tiny_dataset, tiny_clip_dir, tmp_path):
+    import shutil
+    name = f"clip:{tiny_clip_dir}"
+    tokens, _ = data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", name, 2, str(tmp_path / "c"),
+                                         num_workers=0)
+    moved = shutil.move(tiny_dataset, str(tmp_path / "elsewhere"))
+    again, _ = data.cached_image_tokens(data.read_karpathy(moved, "val"), "val", name, 2, str(tmp_path / "c"),
+                                        get_backbone=no_backbone)
+    np.testing.assert_array_equal(again, tokens)
+
+
+def test_a_bug_is_not_recorded_as_an_unreadable_image(tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch):
+    def broken(image, preprocessing):
+        raise TypeError("a programming error")
+    monkeypatch.setattr(data, "preprocess_image", broken)
+    items = data.read_karpathy(tiny_dataset, "val")
+    with pytest.raises(TypeError, match="a programming error"):
+        data.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".unreadable.json")]

@@ -160,3 +160,44 @@ def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
                                                                          "sentences": [{"raw": "x"}]}]}))
     with pytest.raises(ValueError, match=r"split 'train' has no images \(splits present: \['val'\]\)"):
         data.read_karpathy(str(tmp_path), "train")
+
+
+def test_no_two_seed_and_epoch_pairs_share_an_order():
+    captions = [[[k]] for k in range(40)]
+    orders = {tuple(train.epoch_order(captions, epoch, seed, False)) for seed, epoch in
+              [(0, 1000), (1, 0), (0, 0), (1, 1000), (2, 0), (0, 2000)]}
+    assert len(orders) == 6  # seed * 1000 + epoch made (0, 1000) equal (1, 0)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--stop-after-steps", "--stop-after-steps must be 0 (off) or more"),
+    ("--checkpoint-every", "--checkpoint-every must be 0 (off) or more"),
+])
+def test_negative_step_counts_are_refused(flag, message, capsys):
+    parser = train.get_args_parser()
+    with pytest.raises(SystemExit):
+        train.check_args(parser.parse_args(["--vision-backbone", "efficientnet-lite0", flag, "-1"]), parser)
+    assert message in capsys.readouterr().err
+
+
+def test_a_finished_run_can_be_trained_for_more_epochs(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
+                                                       capsys):
+    argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache")
+    run_train(argv[:argv.index("--max-epochs")] + ["--max-epochs", "1"] + argv[argv.index("--max-epochs") + 2:])
+    run_train(argv + ["--resume"])  # --max-epochs 2 now
+    assert "--max-epochs 1 -> 2: the LR schedule is recomputed for 6 steps" in capsys.readouterr().out
+    log = read_log(tmp_path / "out")
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0, 1]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dying_between_the_epoch_record_and_the_checkpoint_logs_the_epoch_once(
+        tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+    argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
+                      "--max-epochs", "1")
+    run_train(argv + ["--stop-after-steps", "3"])  # the epoch's last step: checkpoint before validation
+    with open(tmp_path / "out" / "log.jsonl", "a") as f:  # validation logged, then killed before the checkpoint
+        f.write(json.dumps({"type": "epoch", "epoch": 0, "step": 3, "val_loss": 9.0, "val_bleu4": 0.0}) + "\n")
+    run_train(argv + ["--resume"])
+    epochs = [r for r in read_log(tmp_path / "out") if r["type"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["val_loss"] != 9.0
