@@ -115,6 +115,12 @@ class CaptionModel(nn.Module):
         return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
 
 
+def labelled_positions(labels):
+    """labels (B, T) -> flat indices (N,) of the positions with a label, and those labels (N,)."""
+    positions = (labels.flatten() != -100).nonzero().squeeze(1)
+    return positions, labels.flatten()[positions]
+
+
 def _cache_argument(decoder) -> str:
     # transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still works, with a
     # warning, until 5.40); GPU machines run 5.17, which knows only the old name.
@@ -276,6 +282,10 @@ def atomic_write(path: str, write):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def atomic_write_text(path: str, text: str):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _umask() -> int:
@@ -510,12 +520,11 @@ def embedding_precision(device, precision: str) -> str:
     return precision if torch.device(device).type == "cuda" else "32"
 
 
-def backbone_autocast(device, precision: str):
-    """The autocast context a backbone runs in for `precision` on `device` (see embedding_precision)."""
-    precision = embedding_precision(device, precision)
+def autocast(device, precision: str):
+    """The autocast context for --precision "16" (fp16), "bf16" or "32" (none) on `device`."""
     if precision == "32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "16" else torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.float16 if precision == "16" else torch.bfloat16)
 
 
 def load_backbone(name: str) -> VisionBackbone:
@@ -740,7 +749,7 @@ class Captioner(nn.Module):
         """A list of paths or PIL images -> image tokens (B, K, D), float32: exactly the tokens that training
         cached for the same image (same precision, rounded to float16 as the cache stores them)."""
         pixels = torch.stack([self.backbone.preprocess(image) for image in images]).to(self.device)
-        with backbone_autocast(self.device, self.embedding_precision):
+        with autocast(self.device, embedding_precision(self.device, self.embedding_precision)):
             tokens = self.backbone.image_tokens(pixels, self.model.config.image_grid)
         return tokens.float().half().float()
 

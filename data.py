@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from captioner import atomic_write, backbone_autocast, embedding_precision, load_backbone, preprocess_image
+from captioner import atomic_write, atomic_write_text, autocast, embedding_precision, load_backbone, preprocess_image
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- COCO download ----
@@ -294,6 +294,14 @@ def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> 
                        size, crc)
 
 
+def tokenize_captions(tokenizer, items, max_tokens: int) -> list[list[list[int]]]:
+    """-> per image, per caption: token ids ending with EOS, at most max_tokens long (EOS included)."""
+    texts = [caption for item in items for caption in item.captions]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return [[next(encoded)[: max_tokens - 1] + [eos] for _ in item.captions] for item in items]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ---- reading images ----
 
@@ -554,7 +562,7 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
     try:
         with tqdm(total=len(todo), unit="img", desc=f"embedding {cache.split} images with {cache.backbone}{share}") as bar:
             for rows, pixels, errors in loader:
-                with backbone_autocast(device, cache.precision):
+                with autocast(device, cache.precision):
                     batch = backbone.image_tokens(pixels.to(device, non_blocking=True), cache.grid)  # (b, K, D)
                 batch = batch.float().cpu().numpy().astype(np.float16)
                 unreadable = np.array([bool(e) for e in errors])
@@ -629,7 +637,3 @@ def drop_unreadable(items, tokens, meta):
         return items, tokens
     rows = [i for i in range(len(items)) if i not in unreadable]  # not empty: cached_image_tokens refuses that
     return [items[i] for i in rows], TokenRows(tokens, rows)
-
-
-def atomic_write_text(path: str, text: str):
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

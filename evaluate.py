@@ -21,8 +21,8 @@ from collections import Counter
 
 from sacrebleu.metrics import BLEU
 
-from captioner import ArchiveError, caption_image_tokens, default_device, load_model
-from data import atomic_write_text, default_cache_dir, read_karpathy, split_image_tokens
+from captioner import ArchiveError, atomic_write_text, caption_image_tokens, default_device, load_model
+from data import default_cache_dir, read_karpathy, split_image_tokens
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- BLEU ----

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, build_model,
+from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, atomic_write_text, autocast,
+                       build_model, labelled_positions,
                        caption_image_tokens, check_backbone_name, cpu_state_dict, default_device,
                        embedding_precision, load_backbone, safe_torch_load, save_model, tokenizer_from_data,
                        tokenizer_to_data)
-from data import DownloadError, atomic_write_text, default_cache_dir, prepare_coco, read_karpathy, split_image_tokens
+from data import DownloadError, default_cache_dir, prepare_coco, read_karpathy, split_image_tokens, tokenize_captions
 from evaluate import bleu4_coco
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
@@ -82,14 +83,6 @@ class Processes:
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
 
-def tokenize_captions(tokenizer, items, max_tokens: int) -> list[list[list[int]]]:
-    """-> per image, per caption: token ids ending with EOS, at most max_tokens long (EOS included)."""
-    texts = [caption for item in items for caption in item.captions]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token_id
-    return [[next(encoded)[: max_tokens - 1] + [eos] for _ in item.captions] for item in items]
-
-
 def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) -> list[tuple[int, int]]:
     """(image, caption) pairs of one epoch, shuffled by a generator seeded from (seed, epoch) alone, so the
     order can be recomputed on resume. The pair is hashed: no two (seed, epoch) pairs share an order."""
@@ -117,12 +110,6 @@ def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = Fa
     return tokens, input_ids, labels
 
 
-def labelled_positions(labels):
-    """labels (B, T) -> flat indices (N,) of the positions with a label, and those labels (N,)."""
-    positions = (labels.flatten() != -100).nonzero().squeeze(1)
-    return positions, labels.flatten()[positions]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # ---- optimisation ----
 
@@ -144,13 +131,6 @@ def make_optimizer(model, lr: float, weight_decay: float):
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or "slot" in n)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-
-
-def autocast_context(device, precision: str):
-    if precision == "32":
-        return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    dtype = torch.float16 if precision == "16" else torch.bfloat16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def my_share(window: list, rank: int, world_size: int) -> tuple[list, float]:
@@ -189,7 +169,7 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
         # DDP all-reduces gradients during backward; once per optimizer step is enough: the last micro-batch
         last = k == len(batches) - 1
         with model.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
-            with autocast_context(processes.device, precision):
+            with autocast(processes.device, precision):
                 _, loss_sum = model(image_tokens, input_ids, positions, targets)
             loss = loss_sum * scale
             scaler.scale(loss).backward()
@@ -259,13 +239,11 @@ def validation_loss(model, data, args, device) -> float:
     total, tokens = 0.0, 0
     pairs = [(i, j) for i, c in enumerate(data["captions"]) for j in range(len(c))]
     for start in range(0, len(pairs), args.eval_batch_size):
-        image_tokens, input_ids, labels = make_batch(pairs[start:start + args.eval_batch_size], data["captions"],
-                                                     data["tokens"], data["eos"])
-        positions, targets = labelled_positions(labels)
-        with autocast_context(device, args.precision):
-            _, loss_sum = model(image_tokens.to(device), input_ids.to(device), positions.to(device), targets.to(device))
-        total += float(loss_sum)
-        tokens += len(targets)
+        batch = make_batch(pairs[start:start + args.eval_batch_size], data["captions"], data["tokens"], data["eos"])
+        image_tokens, input_ids, (positions, targets) = batch[0], batch[1], labelled_positions(batch[2])
+        with autocast(device, args.precision):
+            _, loss_sum = model(*(t.to(device) for t in (image_tokens, input_ids, positions, targets)))
+        total, tokens = total + float(loss_sum), tokens + len(targets)
     return total / tokens
 
 
@@ -380,67 +358,60 @@ def trim_log(log_path: str, state: TrainState):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Train a caption decoder on frozen image embeddings", add_help=True)
+    add = parser.add_argument
     # model
-    parser.add_argument("--vision-backbone", default="blip:base",
-                        help="frozen image encoder: blip:base (BLIP ViT-B/16 CapFilt-L at 224 px, as LAVIS ran it), "
-                             "efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, clip:ViT-L/14@336px, "
-                             "or clip:<local dir>")
-    parser.add_argument("--image-grid", type=int, default=3,
-                        help="image tokens per image = 1 global + grid x grid pooled patch tokens; "
-                             "0 = the single global embedding (the original's design)")
-    parser.add_argument("--language-model", default="distilgpt2",
-                        help="GPT-2-family decoder: distilgpt2, gpt2, gpt2-medium, or a local directory with a "
-                             "saved model and tokenizer")
+    add("--vision-backbone", default="blip:base",
+        help="frozen image encoder: blip:base (BLIP ViT-B/16 CapFilt-L at 224 px, as LAVIS ran it), "
+             "efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, clip:ViT-L/14@336px, or clip:<dir>")
+    add("--image-grid", type=int, default=3, help="image tokens per image = 1 global + grid x grid pooled patch "
+                                                   "tokens; 0 = the single global embedding (the original's design)")
+    add("--language-model", default="distilgpt2",
+        help="GPT-2-family decoder: distilgpt2, gpt2, gpt2-medium, or a local directory with a model and tokenizer")
     # data
-    parser.add_argument("--data-dir", default="data/coco",
-                        help="folder with a Karpathy-format dataset_coco.json and the images it names")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where image embeddings are cached (default: $XDG_CACHE_HOME/captioner or "
-                             "~/.cache/captioner); the data folder may be read-only")
-    parser.add_argument("--max-caption-tokens", type=int, default=40,
-                        help="training captions are cut to this many tokens, EOS included")
-    parser.add_argument("--one-caption-per-image", action="store_true",
-                        help="an epoch sees one random caption per image (the original) instead of all of them")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
-    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="fetch what --data-dir lacks of COCO's Karpathy split (dataset_coco.json, train2014.zip "
-                             "and val2014.zip: 20 GB, resumable); a dataset_coco.json with its images needs nothing")
+    add("--data-dir", default="data/coco", help="folder with a Karpathy-format dataset_coco.json and its images")
+    add("--cache-dir", default=None, help="where image embeddings are cached (default: $XDG_CACHE_HOME/captioner "
+                                          "or ~/.cache/captioner); the data folder may be read-only")
+    add("--max-caption-tokens", type=int, default=40, help="training captions are cut to this many tokens, EOS included")
+    add("--one-caption-per-image", action="store_true",
+        help="an epoch sees one random caption per image (the original) instead of all of them")
+    add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
+    add("--download", action=argparse.BooleanOptionalAction, default=True,
+        help="fetch what --data-dir lacks of COCO's Karpathy split (dataset_coco.json, train2014.zip and "
+             "val2014.zip: 20 GB, resumable); a dataset_coco.json with its images needs nothing")
     # optimisation
-    parser.add_argument("--max-epochs", type=int, default=10, help="passes over the training captions")
-    parser.add_argument("--batch-size", type=int, default=32, help="captions per micro-batch")
-    parser.add_argument("--accumulate-grad-batches", type=int, default=4,
-                        help="micro-batches per optimizer step (effective batch = batch size x this)")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a small decoder "
-                             "trained from scratch)")
-    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
-                        help="cosine: linear warmup then cosine decay; constant: the original's fixed LR")
-    parser.add_argument("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on weight matrices")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
-    parser.add_argument("--train-padding", action="store_true",
-                        help="train padding positions as EOS (the original's behaviour; for comparison only)")
-    parser.add_argument("--precision", choices=["16", "bf16", "32"], default="16",
-                        help="16: fp16 autocast + GradScaler; bf16: bf16 autocast; 32: fp32. "
-                             "fp16 needs CUDA: on other devices it falls back to 32")
-    parser.add_argument("--seed", type=int, default=0, help="seeds every RNG and the data order")
+    add("--max-epochs", type=int, default=10, help="passes over the training captions")
+    add("--batch-size", type=int, default=32, help="captions per micro-batch")
+    add("--accumulate-grad-batches", type=int, default=4,
+        help="micro-batches per optimizer step (effective batch = batch size x this x processes)")
+    add("--lr", type=float, default=1e-4, help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a "
+                                               "small decoder trained from scratch)")
+    add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+        help="cosine: linear warmup then cosine decay; constant: the original's fixed LR")
+    add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up")
+    add("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
+    add("--weight-decay", type=float, default=0.01, help="AdamW decay on weight matrices")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    add("--train-padding", action="store_true",
+        help="train padding positions as EOS (the original's behaviour; for comparison only)")
+    add("--precision", choices=["16", "bf16", "32"], default="16", help="16: fp16 autocast + GradScaler; bf16: "
+                                                                        "bf16 autocast; 32: fp32. 16 needs CUDA: "
+                                                                        "elsewhere it falls back to 32")
+    add("--seed", type=int, default=0, help="seeds every RNG and the data order")
     # evaluation during training
-    parser.add_argument("--beam-size", type=int, default=1, help="beams for validation BLEU after each epoch")
-    parser.add_argument("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
-    parser.add_argument("--eval-batch-size", type=int, default=128, help="images decoded together")
+    add("--beam-size", type=int, default=1, help="beams for validation BLEU after each epoch")
+    add("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
+    add("--eval-batch-size", type=int, default=128, help="images decoded together")
     # run
-    parser.add_argument("--out-dir", default="out", help="model.pt, checkpoint.pt and log.jsonl go here")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
-    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT holds another run")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    parser.add_argument("--log-interval", type=int, default=50, help="optimizer steps per log line")
-    parser.add_argument("--checkpoint-every", type=int, default=500,
-                        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch)")
-    parser.add_argument("--stop-after-steps", type=int, default=0,
-                        help="save a checkpoint and exit after N optimizer steps of this invocation "
-                             "(for time-limited jobs; continue with --resume; 0: run to the end)")
+    add("--out-dir", default="out", help="model.pt, checkpoint.pt and log.jsonl go here")
+    add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
+    add("--overwrite", action="store_true", help="start over even if OUT holds another run")
+    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    add("--log-interval", type=int, default=50, help="optimizer steps per log line")
+    add("--checkpoint-every", type=int, default=500,
+        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch)")
+    add("--stop-after-steps", type=int, default=0, help="save a checkpoint and exit after N optimizer steps of "
+                                                        "this invocation (0: run to the end); continue with --resume")
     return parser
 
 

@@ -1,6 +1,6 @@
 """
 Embedding extraction throughput, in three parts so that the bottleneck shows: decoding + preprocessing alone
-(train.py's ImageFiles in DataLoader workers, no backbone), the backbone alone (one preprocessed batch, already
+(data.py's ImageFiles in DataLoader workers, no backbone), the backbone alone (one preprocessed batch, already
 on the device, run again and again), and both together as train.py runs them (embed_token_share into a fresh
 cache). Extraction runs at about the slower of the first two.
 
@@ -19,7 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
-import train  # noqa: E402
+import data  # noqa: E402
 from captioner import BLIPBackbone, available_backbones, blip_key_map, load_backbone  # noqa: E402
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png")
@@ -68,7 +68,7 @@ def main(args):
                    if f.lower().endswith(IMAGE_TYPES))[:args.max_images]
     if not paths:
         raise SystemExit(f"error: {args.images}: no .jpg/.jpeg/.png images below it")
-    items = [{"cocoid": i, "path": path} for i, path in enumerate(paths)]
+    items = [data.SplitImage(i, os.path.basename(path), [], data.ImageSource(path, path)) for i, path in enumerate(paths)]
     cuda = torch.device(args.device).type == "cuda"
     precisions = args.precisions or (["32", "16", "bf16"] if cuda else ["32"])
     if args.random_weights and args.backbone != "blip:base":
@@ -88,8 +88,8 @@ def main(args):
               flush=True)
 
     # 1. decoding + preprocessing in workers; the first batch (worker start-up) is not timed
-    loader = torch.utils.data.DataLoader(train.ImageFiles(items, backbone.preprocessing), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, worker_init_fn=train._one_thread)
+    loader = torch.utils.data.DataLoader(data.ImageFiles(items, backbone.preprocessing), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, worker_init_fn=data._one_thread)
     images, start, pixels = 0, None, None
     for _, batch, _ in loader:
         if start is None:
@@ -116,11 +116,11 @@ def main(args):
     # 3. both, as train.py extracts: workers decode while the backbone runs, tokens stream into the memmap
     for precision in precisions:
         with tempfile.TemporaryDirectory() as cache_dir:
-            cache = train.TokenCache.of(items, "bench", args.backbone, args.grid, cache_dir,
-                                        train.embedding_precision(args.device, precision))
-            train.prepare_token_cache(cache, backbone.width)
+            cache = data.TokenCache.of(items, "bench", args.backbone, args.grid, cache_dir,
+                                        data.embedding_precision(args.device, precision))
+            data.prepare_token_cache(cache, backbone.width)
             start = time.perf_counter()
-            train.embed_token_share(cache, items, backbone, args.device, args.batch_size, args.num_workers)
+            data.embed_token_share(cache, items, backbone, args.device, args.batch_size, args.num_workers)
             row("extraction (embed_token_share)", precision, len(items), time.perf_counter() - start)
 
 

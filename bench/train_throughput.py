@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -72,7 +71,7 @@ def main(args):
         model = CaptionModel(config).to(args.device).train()
         optimizer = train.make_optimizer(model, 1e-4, 0.01)
         scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=precision == "16")
-        run = SimpleNamespace(device=args.device, precision=precision, world_size=1)
+        run = train.Processes(rank=0, world_size=1, device=args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         tokens = 0
@@ -85,7 +84,7 @@ def main(args):
             batches = [train.make_batch([(first + m * batch_size + i, 0) for i in range(batch_size)],
                                         captions, image_tokens, 50256)
                        for m in range(accumulation)]
-            loss, window_tokens = train.accumulate_gradients(model, batches, scaler, run)
+            loss, window_tokens = train.accumulate_gradients(model, batches, scaler, run, precision)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             scaler.step(optimizer)

@@ -36,7 +36,7 @@ def test_a_small_decoder_learns_to_caption_real_photographs(tmp_path):
     references = [item.captions for item in items]
     shuffled = np.roll(np.array(tokens), 1, axis=0)  # every image gets its neighbour's tokens
     args = type("Args", (), {"eval_batch_size": 128, "precision": "32"})()
-    split = {"captions": train.tokenize_captions(tokenizer, items, 40), "eos": tokenizer.eos_token_id}
+    split = {"captions": data.tokenize_captions(tokenizer, items, 40), "eos": tokenizer.eos_token_id}
     with torch.no_grad():
         loss = train.validation_loss(model, {**split, "tokens": tokens}, args, "cpu")
         loss_shuffled = train.validation_loss(model, {**split, "tokens": shuffled}, args, "cpu")

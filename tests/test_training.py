@@ -125,7 +125,7 @@ def test_tokenized_captions_end_with_eos_and_respect_the_limit(small_decoder_dir
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(small_decoder_dir)
     items = [SimpleNamespace(captions=["A man riding a horse.", "word " * 50])]
-    ids = train.tokenize_captions(tokenizer, items, max_tokens=10)
+    ids = data.tokenize_captions(tokenizer, items, max_tokens=10)
     assert ids[0][0] == [32, 582, 10311, 257, 8223, 13, 50256]
     assert len(ids[0][1]) == 10 and ids[0][1][-1] == 50256
 
