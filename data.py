@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from captioner import atomic_write, atomic_write_text, autocast, embedding_precision, load_backbone, preprocess_image
+from captioner import (atomic_write, atomic_write_text, autocast, embedding_precision, file_lock, load_backbone,
+                       preprocess_image, remove_orphans)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- COCO download ----
@@ -252,20 +253,51 @@ def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a Karpathy-format split file ({type(e).__name__}: {e})") from None
     wanted = ("train", "restval") if split == "train" else (split,)
-    items, archives = [], {}
+    items, archives, uncaptioned, empty, seen, duplicates = [], {}, [], 0, set(), []
     for i, image in enumerate(images):
         try:
             if image["split"] not in wanted:
                 continue
+            folder, filename = image.get("filepath", ""), image["filename"]
+            if not _inside(data_dir, folder, filename):
+                raise ValueError(f"{path}: images[{i}] names {os.path.join(folder, filename)!r}, which is not "
+                                 f"inside {data_dir}; refusing to read it")
             captions = [s["raw"].strip() for s in image["sentences"]]
-            source = _image_source(data_dir, image.get("filepath", ""), image["filename"], archives)
-            items.append(SplitImage(image.get("cocoid", image.get("imgid", i)), image["filename"], captions, source))
+            empty += captions.count("")
+            captions = [caption for caption in captions if caption]
+            if not captions:  # nothing to learn from or to score against
+                uncaptioned.append(image.get("cocoid", i))
+                continue
+            source = _image_source(data_dir, folder, filename, archives)
+            duplicates += [source.name] if source.name in seen else []
+            seen.add(source.name)
+            items.append(SplitImage(image.get("cocoid", image.get("imgid", i)), filename, captions, source))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: images[{i}] is malformed (missing or wrong {e})") from None
+    if uncaptioned:
+        print(f"warning: {path}: {len(uncaptioned)} {split} images have no caption and are left out "
+              f"(cocoids {uncaptioned[:5]}{' ...' if len(uncaptioned) > 5 else ''})")
+    if empty:
+        print(f"warning: {path}: {empty} empty {split} captions are left out")
+    if duplicates:
+        print(f"warning: {path}: {len(duplicates)} {split} entries name an image already listed "
+              f"(first: {duplicates[0]})")
     if not items:
         present = sorted({image.get("split") for image in images if isinstance(image, dict)})
-        raise ValueError(f"{path}: split {split!r} has no images (splits present: {present})")
+        raise ValueError(f"{path}: split {split!r} has no images with captions (splits present: {present})")
     return items
+
+
+def _inside(data_dir: str, folder: str, filename: str) -> bool:
+    """Whether folder/filename (from the split file, so untrusted) names a file inside data_dir: relative, no
+    '..', and no symbolic link leading out."""
+    if not isinstance(folder, str) or not isinstance(filename, str) or not filename:
+        raise TypeError("filepath/filename")
+    relative = os.path.join(folder, filename)
+    if os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
+        return False
+    root = os.path.realpath(data_dir)
+    return os.path.commonpath([root, os.path.realpath(os.path.join(root, relative))]) == root
 
 
 def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> ImageSource:
@@ -444,11 +476,29 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
     prepares the files, each rank embeds its share, rank 0 checks and publishes the cache, then all open it."""
     barrier = barrier or (lambda: None)
     cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, embedding_precision(device, precision))
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = file_lock(cache.path(".lock"), f"the {split} embedding cache") if rank == 0 else contextlib.nullcontext()
+    except OSError as e:
+        raise OSError(f"{cache_dir}: cannot write the embedding cache here ({e.strerror}); choose another "
+                      f"--cache-dir") from None
+    with lock:  # a second run on the same cache waits, then reuses what the first one built
+        loaded = _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size,
+                                barrier)
+    tokens, meta = loaded
+    bad = meta["unreadable_images"]
+    if len(bad) == len(items):
+        raise ValueError(f"none of the {len(items)} {split} images could be read (the list: "
+                         f"{meta['unreadable_file']}); the first: {bad[0]['path']}: {bad[0]['error']}")
+    return tokens, meta
+
+
+def _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size, barrier):
     loaded = load_token_cache(cache, say=rank == 0)
     if loaded is None:
         if rank != 0:
             barrier()  # rank 0 fetches the backbone's weights first; then the others read them
-        backbone = (get_backbone() if get_backbone else load_backbone(backbone_name)).to(device).eval()
+        backbone = (get_backbone() if get_backbone else load_backbone(cache.backbone)).to(device).eval()
         if rank == 0:
             barrier()
             prepare_token_cache(cache, backbone.width)
@@ -461,12 +511,7 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
         loaded = load_token_cache(cache)
         if loaded is None:
             raise RuntimeError(f"{cache.path('.npy')}: the embedding cache just built does not validate")
-    tokens, meta = loaded
-    bad = meta["unreadable_images"]
-    if len(bad) == len(items):
-        raise ValueError(f"none of the {len(items)} {split} images could be read (the list: "
-                         f"{meta['unreadable_file']}); the first: {bad[0]['path']}: {bad[0]['error']}")
-    return tokens, meta
+    return loaded
 
 
 def load_token_cache(cache: TokenCache, say: bool = True):
@@ -481,6 +526,7 @@ def load_token_cache(cache: TokenCache, say: bool = True):
         tokens = np.load(npy_path, mmap_mode="r")
         rows = meta["unreadable"]
         if meta["key"] == cache.key and tokens.dtype == np.float16 and list(tokens.shape) == meta["shape"] \
+                and meta.get("crc32") == _crc32(npy_path) \
                 and tokens.shape[:2] == (cache.images, 1 + cache.grid ** 2) and all(0 <= r < len(tokens) for r in rows) \
                 and rows == [image["row"] for image in meta["unreadable_images"]]:
             return tokens, meta
@@ -512,8 +558,10 @@ def prepare_token_cache(cache: TokenCache, width: int):
         except (OSError, ValueError) as e:
             print(f"{tokens_path}: a damaged partial embedding cache ({e}); starting over")
     # Remove the files before writing new ones: a stale STEM.npy must never meet a fresh STEM.json.
+    remove_orphans(os.path.dirname(cache.stem), os.path.basename(cache.stem))  # what killed writers left
     for path in [cache.path(s) for s in (".npy", ".json", ".unreadable.json", ".partial.json", ".partial.npy",
-                                          ".partial-done.npy")] + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
+                                          ".partial-done.npy")] + glob.glob(cache.path("*.tmp-*")) \
+            + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
         if os.path.exists(path):
             os.remove(path)
     os.makedirs(os.path.dirname(os.path.abspath(tokens_path)), exist_ok=True)
@@ -605,7 +653,7 @@ def publish_token_cache(cache: TokenCache, items, preprocessing: dict):
                   for r in rows]
     atomic_write_text(cache.path(".unreadable.json"), json.dumps(unreadable, indent=1))
     shape = list(np.load(cache.path(".partial.npy"), mmap_mode="r").shape)
-    meta = {"key": cache.key, "split": cache.split, "backbone": cache.backbone, "grid": cache.grid,
+    meta = {"key": cache.key, "crc32": _crc32(cache.path(".partial.npy")), "split": cache.split, "backbone": cache.backbone, "grid": cache.grid,
             "precision": cache.precision, "images": len(items), "shape": shape, "preprocessing": preprocessing,
             "unreadable": rows, "unreadable_file": cache.path(".unreadable.json"), "unreadable_images": unreadable}
     # The description first: tokens without it never count, and prepare_token_cache removed any older tokens.
@@ -613,6 +661,16 @@ def publish_token_cache(cache: TokenCache, items, preprocessing: dict):
     os.replace(cache.path(".partial.npy"), cache.path(".npy"))
     for path in [done_path, cache.path(".partial.json")] + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
         os.remove(path)
+
+
+def _crc32(path: str) -> int:
+    """A checksum of the whole file: damage that keeps its size (a bad disk, a stray write) is caught before
+    it turns into NaN losses. About a second per GB."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 class TokenRows:

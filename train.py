@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -32,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner import (ArchiveError, CaptionModel, CaptionerConfig, atomic_torch_save, atomic_write_text, autocast,
-                       build_model, labelled_positions,
+from captioner import (ArchiveError, CaptionModel, CaptionerConfig, LockedError, atomic_torch_save,
+                       atomic_write_text, autocast, build_model, file_lock, labelled_positions, remove_orphans,
                        caption_image_tokens, check_backbone_name, cpu_state_dict, default_device,
                        embedding_precision, load_backbone, safe_torch_load, save_model, tokenizer_from_data,
                        tokenizer_to_data)
@@ -179,9 +180,10 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
     return window_loss / processes.world_size, window_tokens
 
 
-def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log) -> bool:
+def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log,
+                    stop_request) -> bool:
     """Run the optimizer steps of one epoch from state.step_in_epoch on. Returns False if the run must stop
-    early (--stop-after-steps), True when the epoch is complete."""
+    early (--stop-after-steps, a signal; a checkpoint is saved), True when the epoch is complete."""
     model.train()
     pairs = epoch_order(data["captions"], epoch, args.seed, args.one_caption_per_image)
     # A window is one optimizer step: batch size x accumulation x world size captions; the last, shorter
@@ -201,7 +203,9 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         loss_value = float(window_loss)  # checked before the step, so a bad loss never reaches the weights
         if not math.isfinite(loss_value):
             raise SystemExit(f"error: the training loss is {loss_value} at step {state.step} (epoch {epoch}); "
-                             f"stopping. Try a lower --lr, or --precision bf16/32 instead of 16.")
+                             f"stopped before it reached the weights. With --precision 16, --resume --precision "
+                             f"bf16 (or 32) continues from the last checkpoint; otherwise start a new run with a "
+                             f"lower --lr (--overwrite or another --out-dir)")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
@@ -222,7 +226,7 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
                         f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} ms/step "
                         f"{record['tokens_per_s']:.0f} tokens/s")
             interval = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time()}
-        stop = stop_at is not None and state.step >= stop_at
+        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
         if stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
             save_checkpoint(args, processes, model, optimizer, scaler, state, data["tokenizer"])
         if stop:
@@ -427,8 +431,16 @@ def check_args(args, parser):
     for name in ("checkpoint_every", "stop_after_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more")
-    if args.image_grid < 0 or args.lr <= 0 or args.grad_clip <= 0 or not 0 <= args.warmup_fraction < 1:
-        parser.error("--image-grid must be >= 0, --lr and --grad-clip > 0, and --warmup-fraction in [0, 1)")
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_fraction", "min_lr_ratio"):
+        if not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
+    if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
+        parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per image)")
+    if args.lr <= 0 or args.grad_clip <= 0 or args.weight_decay < 0:
+        parser.error("--lr and --grad-clip must be > 0, --weight-decay >= 0")
+    if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
+        parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor would "
+                     "end the run in gradient ascent)")
     args.device = args.device or default_device()
     if args.precision == "16" and torch.device(args.device).type != "cuda":
         print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
@@ -437,6 +449,7 @@ def check_args(args, parser):
     args.data_dir = os.path.abspath(args.data_dir)
 
 
+MAX_IMAGE_GRID = 16  # 257 image tokens; the backbones' patch grids are 7 x 7 to 24 x 24
 RUN_FILES = ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")
 
 
@@ -463,6 +476,9 @@ def load_splits(args, processes: Processes) -> dict:
             processes.device, args.embedding_precision, args.num_workers, get_backbone=get_backbone,
             rank=processes.rank, world_size=processes.world_size, barrier=processes.barrier)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
+    shared = {item.source.name for item in splits["train"]["items"]} & {item.source.name for item in splits["val"]["items"]}
+    if shared and processes.is_main:  # validation would then flatter the model
+        print(f"warning: {len(shared)} images are in both the train and the val split (e.g. {min(shared)})")
     return splits
 
 
@@ -482,10 +498,62 @@ def model_from(checkpoint, args, image_width: int):
 def main(args):
     processes = Processes.start(args.device)
     try:
-        train(args, processes)
+        with out_dir_lock(args.out_dir) if processes.is_main else contextlib.nullcontext():
+            train(args, processes)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """One run per --out-dir: a second one is refused at once, naming the first. Also finds a read-only
+    --out-dir before anything is built, and removes what a killed save left behind."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = file_lock(os.path.join(out_dir, ".lock"), out_dir, wait=False)
+        with lock:
+            remove_orphans(out_dir)
+            yield
+    except LockedError as e:
+        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
+    except PermissionError as e:
+        raise SystemExit(f"error: {out_dir}: cannot write here ({e.strerror}); choose another --out-dir") from None
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while training: finish the optimizer step, save a checkpoint, then stop.
+    A second signal stops at once (nothing is lost: --resume goes on from the last checkpoint)."""
+
+    def __init__(self, processes: Processes):
+        self.processes, self.signal = processes, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop at once)",
+              flush=True)
+
+    def requested(self) -> bool:
+        """Whether to stop now; with several processes, all stop together (a collective: call it on all)."""
+        if self.processes.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)], device=self.processes.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def train(args, processes: Processes):
@@ -581,37 +649,58 @@ def train(args, processes: Processes):
                 f.write(json.dumps(record) + "\n")
 
     # the epoch loop
-    for epoch in range(state.epoch, args.max_epochs):
-        state.epoch = epoch
-        epoch_start = time.time()
-        if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps, args,
-                               processes, log):
-            say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
-            return
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
-            val_loss, val_bleu4, captions = validate(model, splits["val"], args, device)
-            # best by validation BLEU-4; ties (0.0 early on, say) go to the lower validation loss
-            best = (val_bleu4, -val_loss) > (state.best_bleu4, -state.best_val_loss)
-            if best:
-                state.best_bleu4, state.best_val_loss = val_bleu4, val_loss
-                save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, splits["train"]["preprocessing"],
-                           {"epoch": epoch, "step": state.step, "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
-                            "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
-            log({"type": "epoch", "epoch": epoch, "step": state.step, "val_loss": val_loss, "val_bleu4": val_bleu4,
-                 "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
-                f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"
-                f"{' (best so far, saved model.pt)' if best else ''}; e.g. {captions[0]!r}")
-        processes.barrier()
-        save_checkpoint(args, processes, model, optimizer, scaler, state, tokenizer)
+    with StopRequest(processes) as stop_request:
+        for epoch in range(state.epoch, args.max_epochs):
+            if not run_epoch(train_model, model, tokenizer, optimizer, scaler, splits, epoch, state, total_steps,
+                             args, processes, log, stop_request):
+                break
+    if stop_request.signal:
+        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {args.out_dir}/"
+                         f"checkpoint.pt holds it; --resume continues from there")
+    if args.stop_after_steps and state.epoch < args.max_epochs:
+        say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+        return
     say(f"done: best val BLEU-4 {state.best_bleu4:.4f}; model in {args.out_dir}/model.pt")
+
+
+def run_epoch(train_model, model, tokenizer, optimizer, scaler, splits, epoch, state, total_steps, args,
+              processes, log, stop_request) -> bool:
+    """Train one epoch, validate, keep the best model, save the checkpoint. -> False to stop the run."""
+    device = processes.device
+    state.epoch = epoch
+    epoch_start = time.time()
+    if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps, args,
+                           processes, log, stop_request):
+        return False
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
+        val_loss, val_bleu4, captions = validate(model, splits["val"], args, device)
+        # best by validation BLEU-4; ties (0.0 early on, say) go to the lower validation loss
+        best = (val_bleu4, -val_loss) > (state.best_bleu4, -state.best_val_loss)
+        if best:
+            state.best_bleu4, state.best_val_loss = val_bleu4, val_loss
+            save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, splits["train"]["preprocessing"],
+                       {"epoch": epoch, "step": state.step, "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
+                        "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
+        log({"type": "epoch", "epoch": epoch, "step": state.step, "val_loss": val_loss, "val_bleu4": val_bleu4,
+             "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
+            f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"
+            f"{' (best so far, saved model.pt)' if best else ''}; e.g. {captions[0]!r}")
+    processes.barrier()
+    save_checkpoint(args, processes, model, optimizer, scaler, state, tokenizer)
+    return not stop_request.requested()
 
 
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(args, parser)
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: a message rather than a silent death
     try:
         main(args)
-    except (ArchiveError, DownloadError, FileNotFoundError, ValueError) as e:
+    except (ArchiveError, DownloadError, OSError, ValueError) as e:  # OSError: a full disk, a missing folder
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit(f"error: interrupted before training began or while stopping; nothing is lost: an "
+                         f"embedding resumes where it stopped, and --resume continues from "
+                         f"{args.out_dir}/checkpoint.pt if it exists") from None

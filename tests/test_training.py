@@ -73,7 +73,7 @@ def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder
     (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: blip:base, efficientnet-lite0"),
     (["--vision-backbone", "blip:coco"], "blip:coco: BLIP ViT-B/16 fine-tuned"),  # named, not there yet
     (["--vision-backbone", "efficientnet-lite0", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--vision-backbone", "efficientnet-lite0", "--grad-clip", "0"], "--grad-clip > 0"),
+    (["--vision-backbone", "efficientnet-lite0", "--grad-clip", "0"], "--lr and --grad-clip must be > 0"),
 ])
 def test_bad_arguments_fail_at_parsing(argv, message, capsys):
     parser = train.get_args_parser()
@@ -158,7 +158,7 @@ def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
         data.read_karpathy(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "val", "filename": "a.jpg",
                                                                          "sentences": [{"raw": "x"}]}]}))
-    with pytest.raises(ValueError, match=r"split 'train' has no images \(splits present: \['val'\]\)"):
+    with pytest.raises(ValueError, match=r"split 'train' has no images with captions \(splits present: \['val'\]\)"):
         data.read_karpathy(str(tmp_path), "train")
 
 
