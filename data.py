@@ -478,10 +478,11 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
     cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, embedding_precision(device, precision))
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        lock = file_lock(cache.path(".lock"), f"the {split} embedding cache") if rank == 0 else contextlib.nullcontext()
+        os.close(os.open(cache.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666))  # a read-only folder fails here
     except OSError as e:
         raise OSError(f"{cache_dir}: cannot write the embedding cache here ({e.strerror}); choose another "
                       f"--cache-dir") from None
+    lock = file_lock(cache.path(".lock"), f"the {split} embedding cache") if rank == 0 else contextlib.nullcontext()
     with lock:  # a second run on the same cache waits, then reuses what the first one built
         loaded = _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size,
                                 barrier)

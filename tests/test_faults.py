@@ -1,0 +1,317 @@
+"""What a hostile user tried, case by case: bad datasets, bad images, bad flags, bad model files, two runs at once,
+signals, a full or read-only disk. Each case asserts the outcome: the exit code, the one-line message (never a
+traceback), and what is left on disk. `python -m pytest tests/test_faults.py -q -rA` reads as the table."""
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+from captioner import ArchiveError, build_model, file_lock, load_backbone, load_image, load_model, save_model
+from conftest import read_log, run_train, train_argv, write_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+
+
+def script(name, *argv, timeout=120, **popen):
+    """Run one of the project's scripts -> CompletedProcess; it must never show a Python traceback."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, name), *map(str, argv)], capture_output=True,
+                            text=True, env=ENV, timeout=timeout, **popen)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    return result
+
+
+def last_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
+def edit_dataset(root, change):
+    path = os.path.join(root, "dataset_coco.json")
+    with open(path) as f:
+        dataset = json.load(f)
+    change(dataset["images"])
+    with open(path, "w") as f:
+        json.dump(dataset, f)
+
+
+@pytest.fixture
+def run(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+    """run(*extra) -> train.py's argv for the tiny dataset, writing to tmp_path/out with its cache in tmp_path/cache."""
+    return lambda *extra: train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out",
+                                     tmp_path / "cache", *extra)
+
+
+# ---- bad datasets ----
+
+def test_val_image_without_captions_is_left_out_and_the_epoch_is_kept(run, tiny_dataset, tmp_path):
+    edit_dataset(tiny_dataset, lambda images: images[16].update(sentences=[]))  # the first val image
+    result = script("train.py", *run("--max-epochs", "1"))
+    assert result.returncode == 0
+    assert "1 val images have no caption and are left out (cocoids [16])" in result.stdout
+    assert os.path.isfile(tmp_path / "out" / "model.pt") and os.path.isfile(tmp_path / "out" / "checkpoint.pt")
+    evaluated = script("evaluate.py", "--checkpoint", tmp_path / "out" / "model.pt", "--data-dir", tiny_dataset,
+                       "--split", "val", "--cache-dir", tmp_path / "cache", "--device", "cpu", "--num-workers", "0",
+                       "--gallery", "0")
+    assert evaluated.returncode == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["images"] == 3
+
+
+def test_empty_captions_duplicates_and_images_in_both_splits_are_warned_about(run, tiny_dataset):
+    def change(images):
+        images[0]["sentences"].append({"raw": "  "})
+        images[17].update(filename=images[1]["filename"], filepath=images[1]["filepath"])  # val repeats train
+        images[18].update(filename=images[19]["filename"])  # two val entries, one picture
+    edit_dataset(tiny_dataset, change)
+    result = script("train.py", *run("--max-epochs", "1"))
+    assert result.returncode == 0
+    assert "1 empty train captions are left out" in result.stdout
+    assert "1 val entries name an image already listed" in result.stdout
+    assert "1 images are in both the train and the val split" in result.stdout
+
+
+@pytest.mark.parametrize("filepath, filename", [("..", "outside.jpg"), ("images/../..", "outside.jpg"),
+                                                ("/etc", "passwd"), ("", "/etc/passwd")])
+def test_paths_outside_the_data_folder_are_refused(run, tiny_dataset, filepath, filename, tmp_path):
+    edit_dataset(tiny_dataset, lambda images: images[2].update(filepath=filepath, filename=filename))
+    result = script("train.py", *run())
+    assert result.returncode == 1
+    assert last_error(result).endswith(f"which is not inside {tiny_dataset}; refusing to read it")
+    assert not os.path.exists(tmp_path / "cache")  # refused before anything was embedded
+
+
+def test_a_symbolic_link_out_of_the_data_folder_is_refused(tiny_dataset, tmp_path):
+    os.symlink("/etc", os.path.join(tiny_dataset, "images", "etc"))
+    edit_dataset(tiny_dataset, lambda images: images[2].update(filename="etc/passwd"))
+    with pytest.raises(ValueError, match="images\\[2\\] names 'images/etc/passwd', which is not inside"):
+        data.read_karpathy(tiny_dataset, "train")
+
+
+def test_a_fifo_is_listed_as_unreadable_instead_of_hanging_the_run(run, tiny_dataset, tmp_path):
+    fifo = os.path.join(tiny_dataset, "images", "000000000003.jpg")
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    result = script("train.py", *run("--max-epochs", "1"), timeout=120)
+    assert result.returncode == 0
+    listed = json.load(open(next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".unreadable.json")
+                                 and p.name.startswith("train"))))
+    assert [(r["cocoid"], r["error"]) for r in listed] == [(3, f"ValueError: {fifo}: cannot read this image "
+                                                               f"(not a regular file)")]
+
+
+# ---- bad images ----
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    Image.new("1", (8000, 6000)).save(tmp_path / "bomb.png")  # a few KB on disk, 48M pixels
+    assert os.path.getsize(tmp_path / "bomb.png") < 200_000
+    with pytest.raises(ValueError, match="8000 x 6000 pixels, more than the 40,000,000 this program decodes"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_one_bad_image_costs_the_cli_nothing_but_its_own_caption(small_decoder_dir, tiny_clip_dir, tiny_dataset,
+                                                                  tmp_path):
+    backbone = load_backbone(f"clip:{tiny_clip_dir}")
+    model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
+    save_model(str(tmp_path / "model.pt"), model, tokenizer, backbone.preprocessing)
+    good = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(3)]
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
+    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4", "--batch-size", "2",
+                    good[0], tmp_path / "bad.jpg", good[1], good[2])
+    assert result.returncode == 1
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == good  # every line is path<TAB>caption
+    assert f"{tmp_path / 'bad.jpg'}: cannot read this image" in result.stderr
+    assert last_error(result) == "error: 1 of 4 images could not be read"
+
+
+def test_the_cli_keeps_stdout_for_captions_with_efficientnet(small_decoder_dir, tiny_dataset, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    model, tokenizer = build_model(small_decoder_dir, "efficientnet-lite0", image_width=1280, image_grid=1)
+    save_model(str(tmp_path / "model.pt"), model, tokenizer, load_backbone("efficientnet-lite0").preprocessing)
+    image = os.path.join(tiny_dataset, "images", "000000000000.jpg")
+    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4", image)
+    assert result.returncode == 0 and result.stdout.startswith(f"{image}\t") and len(result.stdout.splitlines()) == 1
+
+
+# ---- bad flags ----
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-lr-ratio", "-5"], "--min-lr-ratio in [0, 1]"),
+    (["--lr", "nan"], "--lr must be a finite number, not nan"),
+    (["--lr", "inf"], "--lr must be a finite number, not inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0 (off) or more"),
+    (["--stop-after-steps", "-1"], "--stop-after-steps must be 0 (off) or more"),
+    (["--image-grid", "100"], "--image-grid must be in [0, 16]"),
+])
+def test_harmful_flags_are_refused_at_parsing(argv, message, capsys):
+    parser = train.get_args_parser()
+    with pytest.raises(SystemExit) as stop:
+        train.check_args(parser.parse_args(["--vision-backbone", "efficientnet-lite0", *argv]), parser)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_grid_finer_than_the_backbone_is_refused(run, tmp_path):
+    argv = run()
+    argv[argv.index("--image-grid") + 1] = "5"  # the tiny CLIP has a 4 x 4 patch grid
+    result = script("train.py", *argv)
+    assert result.returncode == 1 and "--image-grid 5 is finer than" in last_error(result)
+
+
+def test_a_missing_language_model_folder_is_named(run, tmp_path):
+    argv = run()
+    argv[argv.index("--language-model") + 1] = str(tmp_path / "no-such-model")
+    result = script("train.py", *argv)
+    assert result.returncode == 1
+    assert last_error(result).startswith(f"error: {tmp_path / 'no-such-model'}: cannot load this language model")
+
+
+# ---- hostile model files ----
+
+def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"echo PWNED > {tmp_path / 'marker'}",))
+    with open(tmp_path / "model.pt", "wb") as f:
+        pickle.dump({"format": "captioner-model", "version": 1, "config": Payload()}, f)
+    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "x.jpg")
+    assert result.returncode == 1 and "not a readable PyTorch file" in last_error(result)
+    assert not os.path.exists(tmp_path / "marker")
+
+
+def test_a_small_file_asking_for_a_huge_model_is_rejected_cheaply(small_decoder_dir, tmp_path):
+    model, tokenizer = build_model(small_decoder_dir, "test", image_width=4, image_grid=0)
+    save_model(str(tmp_path / "model.pt"), model, tokenizer, {"size": 32})
+    archive = torch.load(tmp_path / "model.pt", weights_only=True)
+    archive["config"]["decoder"].update(n_layer=200, n_embd=8192, n_head=64)  # ~160B parameters
+    torch.save(archive, tmp_path / "huge.pt")
+    start = time.time()
+    with pytest.raises(ArchiveError, match="huge.pt: damaged model archive: .*do not fit its config"):
+        load_model(str(tmp_path / "huge.pt"))
+    assert time.time() - start < 10  # building it for real would take an hour and 640 GB
+
+
+# ---- two runs at once ----
+
+def test_a_second_run_on_the_same_out_dir_is_refused_at_once(run, tmp_path):
+    os.makedirs(tmp_path / "out")
+    with file_lock(str(tmp_path / "out" / ".lock"), "test"):  # as a first run holds it
+        result = script("train.py", *run())
+    assert result.returncode == 1
+    assert f"is in use by process {os.getpid()}" in last_error(result)
+    assert os.listdir(tmp_path / "out") == [".lock"] and not os.path.exists(tmp_path / "cache")
+
+
+def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, tiny_clip_dir, tmp_path):
+    items = data.read_karpathy(tiny_dataset, "train")
+    cache = data.TokenCache.of(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    with file_lock(cache.path(".lock"), "test"):  # as a first run building the train cache
+        second = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *run("--max-epochs", "1")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        waiting = ""
+        while "waiting for" not in waiting:
+            waiting += second.stdout.readline()
+            assert second.poll() is None, second.stderr.read()
+        # meanwhile the first run builds and publishes the cache (here: in this process)
+        data._load_or_build(cache, items, "cpu", 32, 0, None, 0, 1, lambda: None)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert f"waiting for process {os.getpid()}" in waiting
+    assert "embedding train images" not in err  # reused what the first run built
+    assert os.path.isfile(tmp_path / "out" / "model.pt")
+
+
+# ---- signals, kills, disks ----
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_at_the_step_and_resume_goes_on(run, tmp_path, signum):
+    argv = run("--max-epochs", "40")
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV)
+    while "step 2/" not in process.stdout.readline():  # training is under way
+        assert process.poll() is None, process.stderr.read()
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("error:")][-1]
+    step = int(message.split(" at step ")[1].split(":")[0])
+    assert message == (f"error: stopped by {signal.Signals(signum).name} at step {step}: {tmp_path / 'out'}/"
+                       f"checkpoint.pt holds it; --resume continues from there")
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["step"] == step == max(r["step"] for r in read_log(tmp_path / "out"))
+    result = script("train.py", *argv[:argv.index("--max-epochs")], "--max-epochs", "1", *argv[argv.index(
+        "--max-epochs") + 2:], "--resume", "--stop-after-steps", "1")
+    assert result.returncode == 0 and f"resuming at epoch {checkpoint['state']['epoch']}, step {step}" in result.stdout
+
+
+def test_orphan_temporary_files_from_a_killed_save_are_removed(run, tmp_path):
+    run_train(run("--max-epochs", "1", "--stop-after-steps", "1"))
+    orphan = tmp_path / "out" / ".checkpoint.pt.tmp-abc123"
+    orphan.write_bytes(b"\0" * 1000)  # what kill -9 during atomic_torch_save leaves
+    run_train(run("--max-epochs", "1", "--resume", "--stop-after-steps", "1"))
+    assert not orphan.exists()
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_whole(run, tmp_path, monkeypatch):
+    run_train(run("--max-epochs", "1", "--stop-after-steps", "1"))
+    before = (tmp_path / "out" / "checkpoint.pt").read_bytes()
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_train(run("--max-epochs", "1", "--resume", "--stop-after-steps", "1"))
+    assert (tmp_path / "out" / "checkpoint.pt").read_bytes() == before
+    assert [f for f in os.listdir(tmp_path / "out") if "tmp" in f] == []
+
+
+def test_a_read_only_out_dir_is_found_before_anything_is_built(run, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "out")):
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(SystemExit, match="out: cannot write here \\(Read-only file system\\); choose another"):
+        run_train(run())
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_a_read_only_cache_dir_is_named(run, tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "cache")):
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError, match="cache: cannot write the embedding cache here \\(Read-only file system\\)"):
+        data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", f"clip:{tiny_clip_dir}", 2,
+                                 str(tmp_path / "cache"), num_workers=0)
+
+
+def test_same_size_damage_to_a_published_cache_is_detected(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
+    items = data.read_karpathy(tiny_dataset, "val")
+    name = f"clip:{tiny_clip_dir}"
+    tokens = np.array(data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)[0])
+    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    with open(cache.path(".npy"), "r+b") as f:  # NaN bytes over one token, the file's size unchanged
+        f.seek(-64, os.SEEK_END)
+        f.write(np.full(32, np.nan, dtype=np.float16).tobytes())
+    rebuilt, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
+    assert "does not match its description; rebuilding it" in capsys.readouterr().out
+    assert np.isfinite(rebuilt).all() and np.array_equal(rebuilt, tokens)
