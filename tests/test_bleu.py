@@ -1,6 +1,6 @@
 """BLEU under three protocols: references score 1 against themselves, our PTB tokens are Stanford's, the
-original's protocol is BLEU with the shortest reference. tests/test_metrics.py checks the COCO protocol against
-pycocoevalcap's Java pipeline."""
+original's protocol is BLEU with the shortest reference. tests/test_metrics.py checks the COCO protocol
+against pycocoevalcap's Java pipeline."""
 import json
 import os
 
@@ -16,7 +16,8 @@ def coco_mini_captions(split="val"):
     if not os.path.isfile(COCO_MINI):
         pytest.skip(f"{COCO_MINI} is not here")
     with open(COCO_MINI) as f:
-        return [[s["raw"] for s in image["sentences"]] for image in json.load(f)["images"] if image["split"] == split]
+        images = json.load(f)["images"]
+    return [[s["raw"] for s in image["sentences"]] for image in images if image["split"] == split]
 
 
 @pytest.fixture(scope="module")

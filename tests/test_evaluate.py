@@ -1,4 +1,4 @@
-"""evaluate.py end to end: one row per beam size, metrics.json, captions.jsonl and gallery.html as documented."""
+"""evaluate.py end to end: one row per beam size; metrics.json, captions.jsonl, gallery.html as documented."""
 import json
 import shutil
 
@@ -8,15 +8,16 @@ import evaluate
 from captioner import build_model, load_backbone, save_model
 
 
-def test_evaluate_writes_metrics_and_captions(small_decoder_dir, tiny_clip_dir, tiny_dataset, tmp_path, capsys):
+def test_evaluate_writes_metrics_and_captions(small_decoder_dir, tiny_clip_dir, tiny_dataset, tmp_path,
+                                              capsys):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
     checkpoint = tmp_path / "run" / "model.pt"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     args = evaluate.get_args_parser().parse_args([
-        "--checkpoint", str(checkpoint), "--data-dir", tiny_dataset, "--split", "test", "--beam-size", "1", "3",
-        "--max-length", "6", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--num-workers", "0",
-        "--batch-size", "3"])
+        "--checkpoint", str(checkpoint), "--data-dir", tiny_dataset, "--split", "test",
+        "--beam-size", "1", "3", "--max-length", "6", "--cache-dir", str(tmp_path / "cache"),
+        "--device", "cpu", "--num-workers", "0", "--batch-size", "3"])
     evaluate.main(args)
     out = capsys.readouterr().out
     assert "| beam size | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |" in out
@@ -25,8 +26,8 @@ def test_evaluate_writes_metrics_and_captions(small_decoder_dir, tiny_clip_dir, 
     assert metrics["split"] == "test" and metrics["images"] == 4
     assert [r["beam_size"] for r in metrics["results"]] == [1, 3]
     for r in metrics["results"]:
-        assert set(r) == {"beam_size", "bleu1", "bleu2", "bleu3", "bleu4_coco", "meteor", "rouge_l", "cider_d",
-                          "bleu4_sacrebleu", "bleu4_seed", "seconds"}
+        assert set(r) == {"beam_size", "bleu1", "bleu2", "bleu3", "bleu4_coco", "meteor", "rouge_l",
+                          "cider_d", "bleu4_sacrebleu", "bleu4_seed", "seconds"}
         assert all(0.0 <= r[k] <= 1.0 for k in ("bleu1", "bleu2", "bleu3", "bleu4_coco", "rouge_l"))
         assert r["cider_d"] >= 0.0 and r["seconds"] > 0
         assert (r["meteor"] is None) == (shutil.which("java") is None)  # METEOR needs java
@@ -58,7 +59,7 @@ def test_evaluate_without_java_reports_meteor_absent(small_decoder_dir, tiny_cli
     checkpoint = tmp_path / "run" / "model.pt"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+    monkeypatch.setattr(shutil, "which", lambda name, *rest: None if name == "java" else which(name, *rest))
     args = evaluate.get_args_parser().parse_args([
         "--checkpoint", str(checkpoint), "--data-dir", tiny_dataset, "--split", "test", "--max-length", "4",
         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--num-workers", "0", "--gallery", "0"])
@@ -72,8 +73,8 @@ def test_evaluate_without_java_reports_meteor_absent(small_decoder_dir, tiny_cli
     assert not (tmp_path / "run" / "gallery.html").exists()  # --gallery 0
 
 
-def test_evaluate_leaves_out_and_counts_unreadable_images(small_decoder_dir, tiny_clip_dir, tiny_dataset, tmp_path,
-                                                          monkeypatch):
+def test_evaluate_leaves_out_and_counts_unreadable_images(small_decoder_dir, tiny_clip_dir, tiny_dataset,
+                                                          tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "meteor_scorer", lambda: None)  # not under test here; saves its Java start
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)

@@ -10,7 +10,7 @@ import pytest
 from evaluate import bleu4_coco, coco_metrics, coco_tokenize, meteor_scorer
 
 COCO_MINI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini", "dataset_coco.json")
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs java")
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer needs java")
 
 
 def coco_mini_captions(splits=("train", "restval", "val", "test")):
@@ -28,11 +28,11 @@ def one_against_the_rest(captions):
 
 def java_tokens(texts_for_image: dict) -> dict:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    return PTBTokenizer().tokenize({i: [{"caption": t} for t in texts] for i, texts in texts_for_image.items()})
+    return PTBTokenizer().tokenize({i: [{"caption": t} for t in ts] for i, ts in texts_for_image.items()})
 
 
 def pycocoevalcap_pipeline(hypotheses, references):
-    """pycocoevalcap as COCOEvalCap runs it: Java PTB tokens, then the scorers -> (gts, res, corpus, per_image)."""
+    """pycocoevalcap as COCOEvalCap runs it (Java PTB tokens, then the scorers) -> gts, res, scores."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -70,8 +70,9 @@ def test_our_metrics_equal_pycocoevalcap_on_every_coco_mini_caption():
     assert 0.5 < ours["cider_d"] < 2.0  # a human caption scores about 0.8-0.9 against the others on COCO
 
 
-ODD_CAPTIONS = ["", "...", "?!", "!!!", ", ; : -", "A", "The letter A. The end", "\u201cQuoted\u201d \u2014 dog\u2019s toy\u2026",
-                "a dog\nwith a newline", "a cat 's toy's; (red) [blue] {green}", "1,000 at 3:30pm -- $5 & 10%"]
+ODD_CAPTIONS = ["", "...", "?!", "!!!", ", ; : -", "A", "The letter A. The end",
+                "\u201cQuoted\u201d \u2014 dog\u2019s toy\u2026", "a dog\nwith a newline",
+                "a cat 's toy's; (red) [blue] {green}", "1,000 at 3:30pm -- $5 & 10%"]
 
 
 @needs_java
@@ -132,5 +133,5 @@ def test_coco_metrics_without_java():
 def test_cider_d_falls_by_more_than_half_when_captions_go_to_other_images():
     hypotheses, references = one_against_the_rest(coco_mini_captions(("val", "test")))
     own = coco_metrics(hypotheses, references)[0]["cider_d"]
-    other = coco_metrics(hypotheses[1:] + hypotheses[:1], references)[0]["cider_d"]  # each gets its neighbour's
+    other = coco_metrics(hypotheses[1:] + hypotheses[:1], references)[0]["cider_d"]  # the neighbour's caption
     assert own > 0.5 and other < own / 2
