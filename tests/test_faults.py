@@ -315,3 +315,66 @@ def test_same_size_damage_to_a_published_cache_is_detected(tiny_dataset, tiny_cl
     rebuilt, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     assert "does not match its description; rebuilding it" in capsys.readouterr().out
     assert np.isfinite(rebuilt).all() and np.array_equal(rebuilt, tokens)
+
+
+# ---- kill -9 at chosen points (the patch runs inside the child, before train.py's main) ----
+
+def kill_at(patch: str, argv) -> subprocess.CompletedProcess:
+    """Run train.py in a child that SIGKILLs itself where `patch` (Python run first) says."""
+    code = ("import os, signal, sys, runpy\n" + patch +
+            f"\nsys.argv = ['train.py'] + {list(map(str, argv))!r}\n"
+            f"runpy.run_path({os.path.join(REPO, 'train.py')!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=180,
+                            cwd=REPO)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    return result
+
+
+def test_kill_9_while_saving_a_checkpoint_keeps_the_previous_one(run, tmp_path):
+    argv = run("--checkpoint-every", "1", "--max-epochs", "1")
+    # the second save dies after writing its temporary file, before renaming it over checkpoint.pt
+    kill_at("import captioner\nreal, saves = os.replace, []\n"
+            "def replace(src, dst):\n"
+            "    saves.append(dst) if dst.endswith('checkpoint.pt') else None\n"
+            "    if len(saves) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(src, dst)\n"
+            "os.replace = replace", argv)
+    out = tmp_path / "out"
+    assert [f for f in os.listdir(out) if ".tmp-" in f]  # the killed save's leftover
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 1
+    result = script("train.py", *argv, "--resume")
+    assert result.returncode == 0 and "resuming at epoch 0, step 1" in result.stdout
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert [r["step"] for r in read_log(out) if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_kill_9_while_training_resumes_from_the_last_checkpoint(run, tmp_path):
+    argv = run("--checkpoint-every", "2", "--max-epochs", "1")
+    kill_at("import captioner\nreal = captioner.CaptionModel.forward\ncalls = []\n"
+            "def dying(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 7: os.kill(os.getpid(), signal.SIGKILL)  # 3 micro-batches a step: in step 3\n"
+            "    return real(*a, **k)\n"
+            "captioner.CaptionModel.forward = dying", argv)
+    out = tmp_path / "out"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
+    result = script("train.py", *argv, "--resume")
+    assert result.returncode == 0 and "resuming at epoch 0, step 2" in result.stdout
+    assert [r["step"] for r in read_log(out) if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_kill_9_while_embedding_is_resumed_to_the_same_tokens(run, tiny_dataset, tiny_clip_dir, tmp_path):
+    argv = run("--max-epochs", "1")
+    kill_at("import captioner\nreal = captioner.VisionBackbone.image_tokens\ncalls = []\n"
+            "def dying(self, *a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(self, *a, **k)\n"
+            "captioner.VisionBackbone.image_tokens = dying", argv)
+    assert any(p.name.endswith(".partial.npy") for p in (tmp_path / "cache").iterdir())
+    assert script("train.py", *argv).returncode == 0
+    items = data.read_karpathy(tiny_dataset, "train")
+    resumed, _ = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "cache"))
+    clean, _ = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "clean"),
+                                        num_workers=0)
+    np.testing.assert_array_equal(resumed, clean)
