@@ -87,14 +87,47 @@ class Processes:
 def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) -> list[tuple[int, int]]:
     """(image, caption) pairs of one epoch, shuffled by a generator seeded from (seed, epoch) alone, so the
     order can be recomputed on resume. The pair is hashed: no two (seed, epoch) pairs share an order."""
-    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    generator = epoch_generator(seed, epoch)
     if one_caption_per_image:
         picks = [int(torch.randint(len(c), (1,), generator=generator)) for c in captions]
         pairs = list(enumerate(picks))
     else:
         pairs = [(i, j) for i, c in enumerate(captions) for j in range(len(c))]
     return [pairs[k] for k in torch.randperm(len(pairs), generator=generator).tolist()]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def epoch_windows(captions, epoch: int, args, world_size: int = 1) -> list[list[tuple[int, int]]]:
+    """The epoch's optimizer steps: windows of batch size x accumulation x world size (image, caption) pairs;
+    the last, shorter window is kept, not dropped. With --bucket-windows N, the shuffled pairs are cut into
+    chunks of N windows, each chunk is sorted by caption length before it is cut into windows, and the windows
+    are shuffled: a micro-batch then holds captions of about one length, so it carries little padding, while
+    the data stays shuffled at the scale of a chunk. A pure function of (seed, epoch), like epoch_order."""
+    pairs = epoch_order(captions, epoch, args.seed, args.one_caption_per_image)
+    size = args.batch_size * args.accumulate_grad_batches * world_size
+    if args.bucket_windows:
+        chunk = size * args.bucket_windows
+        pairs = [pair for start in range(0, len(pairs), chunk)
+                 for pair in sorted(pairs[start:start + chunk], key=lambda p: len(captions[p[0]][p[1]]))]
+    windows = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    if args.bucket_windows:  # the short last window stays last, as in the plain order
+        order = torch.randperm(len(windows) - 1, generator=epoch_generator(args.seed, epoch)).tolist()
+        windows = [windows[k] for k in order] + windows[-1:]
+    return windows
+
+
+def padding_fraction(windows, captions, batch_size: int) -> float:
+    """Share of the token positions in the epoch's micro-batches that are padding."""
+    padded = real = 0
+    for window in windows:
+        for i in range(0, len(window), batch_size):
+            lengths = [len(captions[a][b]) for a, b in window[i:i + batch_size]]
+            padded, real = padded + max(lengths) * len(lengths), real + sum(lengths)
+    return 1 - real / padded
 
 
 def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = False):
@@ -107,8 +140,17 @@ def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = Fa
     for row, s in enumerate(sequences):
         input_ids[row, : len(s) - 1] = torch.tensor(s[:-1])
         labels[row, : len(s) - 1] = torch.tensor(s[1:])
-    tokens = torch.from_numpy(np.ascontiguousarray(image_tokens[[i for i, _ in pairs]]))  # (B, K, D) fp16
-    return tokens, input_ids, labels
+    index = [i for i, _ in pairs]
+    if torch.is_tensor(image_tokens):  # the split's tokens are on the GPU: gather there; only indices travel
+        return image_tokens.index_select(0, to_device(torch.tensor(index), image_tokens.device)), input_ids, labels
+    return torch.from_numpy(np.ascontiguousarray(image_tokens[index])), input_ids, labels  # (B, K, D) fp16
+
+
+def to_device(tensor, device):
+    """Host to device without waiting: pinned memory lets the copy run behind the GPU's queue."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +173,9 @@ def make_optimizer(model, lr: float, weight_decay: float):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "slot" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or "slot" in n)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    # fused: one kernel for all parameters, and it can skip a step on the device (see optimizer_step)
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
 def my_share(window: list, rank: int, world_size: int) -> tuple[list, float]:
@@ -165,7 +209,7 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
     window_loss = torch.zeros((), device=processes.device)
     for k, (image_tokens, input_ids, labels) in enumerate(batches):
         positions, targets = labelled_positions(labels)  # on the CPU, where no synchronisation is needed
-        image_tokens, input_ids, positions, targets = (t.to(processes.device, non_blocking=True)
+        image_tokens, input_ids, positions, targets = (to_device(t, processes.device)
                                                        for t in (image_tokens, input_ids, positions, targets))
         # DDP all-reduces gradients during backward; once per optimizer step is enough: the last micro-batch
         last = k == len(batches) - 1
@@ -185,13 +229,9 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
     """Run the optimizer steps of one epoch from state.step_in_epoch on. Returns False if the run must stop
     early (--stop-after-steps, a signal; a checkpoint is saved), True when the epoch is complete."""
     model.train()
-    pairs = epoch_order(data["captions"], epoch, args.seed, args.one_caption_per_image)
-    # A window is one optimizer step: batch size x accumulation x world size captions; the last, shorter
-    # window is kept, not dropped.
-    window_size = args.batch_size * args.accumulate_grad_batches * processes.world_size
-    windows = [pairs[i:i + window_size] for i in range(0, len(pairs), window_size)]
+    windows = epoch_windows(data["captions"], epoch, args, processes.world_size)
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
-    interval = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time()}
+    interval = {"losses": [], "tokens": 0, "start": time.time()}
     for window_index in range(state.step_in_epoch, len(windows)):
         lr = get_lr(state.step, total_steps, args)
         for group in optimizer.param_groups:
@@ -199,39 +239,56 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         mine, weight = my_share(windows[window_index], processes.rank, processes.world_size)
         batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
                               args.train_padding) for i in range(0, len(mine), args.batch_size)]
-        window_loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
-        loss_value = float(window_loss)  # checked before the step, so a bad loss never reaches the weights
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: the training loss is {loss_value} at step {state.step} (epoch {epoch}); "
-                             f"stopped before it reached the weights. With --precision 16, --resume --precision "
-                             f"bf16 (or 32) continues from the last checkpoint; otherwise start a new run with a "
-                             f"lower --lr (--overwrite or another --out-dir)")
+        loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
-        scaler.update()
+        optimizer_step(optimizer, scaler, loss)
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
         state.step_in_epoch = window_index + 1
-        interval["loss"] += loss_value
-        interval["steps"] += 1
+        interval["losses"].append(loss)
         interval["tokens"] += window_tokens
-        if state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
+        save = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
+        if save or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+            # the one host synchronisation of the interval: the losses come off the device here
+            losses = torch.stack(interval["losses"]).tolist()
+            bad = [k for k, value in enumerate(losses) if not math.isfinite(value)]
+            if bad:
+                first = state.step - len(losses) + bad[0]
+                raise SystemExit(f"error: the training loss is {losses[bad[0]]} at step {first} (epoch {epoch}); "
+                                 f"stopped, and no step with a non-finite loss changed the weights. With "
+                                 f"--precision 16, --resume --precision bf16 (or 32) continues from the last "
+                                 f"checkpoint; otherwise start a new run with a lower --lr (--overwrite)")
             seconds = time.time() - interval["start"]
-            record = {"type": "train", "step": state.step, "epoch": epoch,
-                      "loss": interval["loss"] / interval["steps"], "lr": lr, "grad_norm": float(grad_norm),
-                      "ms_per_step": 1000 * seconds / interval["steps"], "tokens_per_s": interval["tokens"] / seconds}
+            record = {"type": "train", "step": state.step, "epoch": epoch, "loss": sum(losses) / len(losses),
+                      "lr": lr, "grad_norm": float(grad_norm), "ms_per_step": 1000 * seconds / len(losses),
+                      "tokens_per_s": interval["tokens"] / seconds}
             log(record, f"epoch {epoch} step {state.step}/{total_steps}: loss {record['loss']:.4f} "
                         f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} ms/step "
                         f"{record['tokens_per_s']:.0f} tokens/s")
-            interval = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time()}
-        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
-        if stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
+            interval = {"losses": [], "tokens": 0, "start": time.time()}
+        if save:
             save_checkpoint(args, processes, model, optimizer, scaler, state, data["tokenizer"])
         if stop:
             return False
     return True
+
+
+def optimizer_step(optimizer, scaler, loss):
+    """Step, unless the loss (or, in fp16, a gradient) is not finite, decided on the device: the host never
+    waits for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol);
+    the fp16 scaler sets it itself. Other optimizers check on the host."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~torch.isfinite(loss)).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif math.isfinite(float(loss)):
+        optimizer.step()
+    scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +312,7 @@ def validate(model, data, args, device) -> tuple[float, float, list[str]]:
     """-> validation loss, BLEU-4 (COCO protocol) of real decoding, and the captions."""
     model.eval()  # decoding leaves the mode to its caller
     val_loss = validation_loss(model, data, args, device)
-    captions = caption_image_tokens(model, data["tokenizer"], data["tokens"], args.beam_size, device,
+    captions = caption_image_tokens(model, data["tokenizer"], data["host_tokens"], args.beam_size, device,
                                     args.eval_batch_size, args.max_length)
     model.train()
     return val_loss, bleu4_coco(captions, data["references"]), captions
@@ -278,7 +335,8 @@ class TrainState:
 RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size", "accumulate_grad_batches",
                      "seed", "one_caption_per_image", "train_padding", "max_caption_tokens", "data_dir",
                      "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio", "weight_decay",
-                     "grad_clip", "beam_size", "max_length")
+                     "grad_clip", "beam_size", "max_length", "bucket_windows")
+LEGACY = {"bucket_windows": 0}  # what a checkpoint from before a setting existed ran with
 
 
 def rng_states() -> dict:
@@ -328,7 +386,8 @@ def load_checkpoint(args, world_size: int) -> dict:
     if missing:
         raise ArchiveError(f"{path}: damaged checkpoint: no {', '.join(sorted(missing))}")
     saved = checkpoint["args"]
-    different = {k: (saved.get(k), getattr(args, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)}
+    different = {k: (saved.get(k, LEGACY.get(k)), getattr(args, k)) for k in RESUME_MUST_MATCH
+                 if saved.get(k, LEGACY.get(k)) != getattr(args, k)}
     if saved.get("world_size", 1) != world_size:
         different["nproc-per-node"] = (saved.get("world_size", 1), world_size)
     if different:
@@ -385,9 +444,10 @@ def get_args_parser():
              "val2014.zip: 20 GB, resumable); a dataset_coco.json with its images needs nothing")
     # optimisation
     add("--max-epochs", type=int, default=10, help="passes over the training captions")
-    add("--batch-size", type=int, default=32, help="captions per micro-batch")
-    add("--accumulate-grad-batches", type=int, default=4,
-        help="micro-batches per optimizer step (effective batch = batch size x this x processes)")
+    add("--batch-size", type=int, default=128, help="captions per micro-batch (the original: 32)")
+    add("--accumulate-grad-batches", type=int, default=1,
+        help="micro-batches per optimizer step (effective batch = batch size x this x processes; "
+             "the original: 4)")
     add("--lr", type=float, default=1e-4, help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a "
                                                "small decoder trained from scratch)")
     add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
@@ -398,9 +458,16 @@ def get_args_parser():
     add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
     add("--train-padding", action="store_true",
         help="train padding positions as EOS (the original's behaviour; for comparison only)")
-    add("--precision", choices=["16", "bf16", "32"], default="16", help="16: fp16 autocast + GradScaler; bf16: "
-                                                                        "bf16 autocast; 32: fp32. 16 needs CUDA: "
-                                                                        "elsewhere it falls back to 32")
+    add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
+        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; 32: fp32 "
+             "(TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
+    add("--bucket-windows", type=int, default=50,
+        help="sort the captions by length within chunks of this many optimizer steps, so that micro-batches "
+             "carry little padding (0: plain shuffle, as the original)")
+    add("--tokens-on-device", action=argparse.BooleanOptionalAction, default=None,
+        help="keep the splits' image tokens in GPU memory and gather batches there (default: on CUDA)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile the model for training (the first steps then include the compilation)")
     add("--seed", type=int, default=0, help="seeds every RNG and the data order")
     # evaluation during training
     add("--beam-size", type=int, default=1, help="beams for validation BLEU after each epoch")
@@ -428,7 +495,7 @@ def check_args(args, parser):
                  "max_length", "log_interval", "max_caption_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("checkpoint_every", "stop_after_steps"):
+    for name in ("checkpoint_every", "stop_after_steps", "bucket_windows"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more")
     for name in ("lr", "weight_decay", "grad_clip", "warmup_fraction", "min_lr_ratio"):
@@ -442,7 +509,12 @@ def check_args(args, parser):
         parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor would "
                      "end the run in gradient ascent)")
     args.device = args.device or default_device()
-    if args.precision == "16" and torch.device(args.device).type != "cuda":
+    cuda = torch.device(args.device).type == "cuda"
+    if args.precision == "auto":
+        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "16") if cuda else "32"
+    if args.tokens_on_device is None:
+        args.tokens_on_device = cuda
+    if args.precision == "16" and not cuda:
         print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
         args.precision = "32"
     args.cache_dir = args.cache_dir or default_cache_dir()
@@ -587,7 +659,9 @@ def train(args, processes: Processes):
     for split in splits.values():
         split.update(captions=tokenize_captions(tokenizer, split["items"], args.max_caption_tokens),
                      references=[item.captions for item in split["items"]], eos=tokenizer.eos_token_id,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, host_tokens=split["tokens"])
+        if args.tokens_on_device:  # 1.7 GB for COCO's train split: batches are then gathered on the GPU
+            split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(device)
 
     # optimizer, and where a resumed run stands
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
@@ -602,6 +676,8 @@ def train(args, processes: Processes):
     # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
     train_model = model if processes.world_size == 1 else DistributedDataParallel(
         model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
 
     train_captions = sum(len(c) for c in splits["train"]["captions"])
     captions_per_epoch = len(splits["train"]["items"]) if args.one_caption_per_image else train_captions
@@ -617,6 +693,9 @@ def train(args, processes: Processes):
     say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} process"
         f"{'es' if processes.world_size > 1 else ''} = {effective_batch} captions; {steps_per_epoch} optimizer "
         f"steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
+    windows = epoch_windows(splits["train"]["captions"], 0, args, processes.world_size)
+    say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
+        f"positions in micro-batches (--bucket-windows {args.bucket_windows})")
     say(f"outputs: {args.out_dir}/model.pt (best epoch by val BLEU-4), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:

@@ -201,3 +201,75 @@ def test_dying_between_the_epoch_record_and_the_checkpoint_logs_the_epoch_once(
     run_train(argv + ["--resume"])
     epochs = [r for r in read_log(tmp_path / "out") if r["type"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_loss"] != 9.0
+
+
+def bucketing_args(**changes):
+    return SimpleNamespace(**{"seed": 0, "one_caption_per_image": False, "batch_size": 4,
+                              "accumulate_grad_batches": 2, "bucket_windows": 3, **changes})
+
+
+def test_bucketing_keeps_every_caption_once_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    captions = [[[7] * int(n) for n in rng.integers(3, 30, size=5)] for _ in range(40)]  # 200 captions
+    everything = sorted((i, j) for i in range(40) for j in range(5))
+    for epoch in range(3):
+        windows = train.epoch_windows(captions, epoch, bucketing_args())
+        assert sorted(p for w in windows for p in w) == everything  # each caption exactly once
+        assert [len(w) for w in windows] == [8] * 25
+        assert windows == train.epoch_windows(captions, epoch, bucketing_args())  # what a resume recomputes
+    plain = train.epoch_windows(captions, 0, bucketing_args(bucket_windows=0))
+    bucketed = train.epoch_windows(captions, 0, bucketing_args())
+    assert train.padding_fraction(bucketed, captions, 4) < train.padding_fraction(plain, captions, 4) / 3
+    assert train.epoch_windows(captions, 1, bucketing_args()) != bucketed
+
+
+def test_tokens_gathered_on_the_device_equal_the_host_batch():
+    captions = [[[1, 2, 9], [3, 9]], [[4, 5, 6, 9]], [[9]]]
+    host = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float16)
+    pairs = [(2, 0), (0, 1), (1, 0), (0, 0)]
+    from_host = train.make_batch(pairs, captions, host, 9)
+    from_device = train.make_batch(pairs, captions, torch.from_numpy(host), 9)  # the tensor path (the GPU's)
+    for a, b in zip(from_host, from_device):
+        assert torch.equal(a, b)
+
+
+def test_the_fast_path_and_the_original_settings_take_the_same_step(small_decoder_dir):
+    """Fused AdamW on one 8-caption micro-batch against the original's unfused AdamW on 2 x 4."""
+    captions = [[[int(t) for t in torch.randint(0, 50000, (n,))] + [50256]] for n in (3, 8, 5, 12, 2, 7, 4, 9)]
+    tokens = np.random.default_rng(0).standard_normal((8, 2, 6)).astype(np.float16)
+    pairs = [(i, 0) for i in range(8)]
+    processes = train.Processes(rank=0, world_size=1, device="cpu")
+    results = []
+    for fused, split in ((True, [8]), (False, [4, 4])):
+        torch.manual_seed(0)  # the cross-attention starts random: the same for both
+        model, _ = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
+        model.eval()
+        optimizer = train.make_optimizer(model, 1e-3, 0.01)
+        if not fused:
+            optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-3, betas=(0.9, 0.999), fused=False)
+        assert optimizer.defaults.get("fused", False) == fused
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        batches = [train.make_batch(pairs[k:k + n], captions, tokens, 50256) for k, n in zip((0, 4), split)]
+        loss, _ = train.accumulate_gradients(model, batches, scaler, processes, "32")
+        train.optimizer_step(optimizer, scaler, loss)
+        results.append((loss.item(), {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, weight in results[0][1].items():
+        torch.testing.assert_close(weight, results[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_loss_never_reaches_the_weights_without_a_host_check(small_decoder_dir):
+    model, _ = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
+    optimizer = train.make_optimizer(model, 1e-3, 0.01)
+    assert optimizer.defaults["fused"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    train.optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.tensor(float("nan")))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_the_decoder_attends_with_sdpa(small_decoder_dir):
+    model, _ = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
+    assert model.decoder.config._attn_implementation == "sdpa"  # flash / memory-efficient kernels on a GPU
