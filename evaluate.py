@@ -217,7 +217,7 @@ def thumbnail(source, archives: dict, size: int = 256) -> str | None:
 
 
 STYLE = """body{font:14px/1.4 sans-serif;margin:16px;color:#222}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}input{display:none}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}th{white-space:nowrap}input{display:none}
 label{display:inline-block;padding:6px 14px;margin:12px 4px 8px 0;border:1px solid #888;cursor:pointer}
 input:checked+label{background:#333;color:#fff}.view{display:none}
 #best:checked~#view-best,#worst:checked~#view-worst,#random:checked~#view-random{display:grid}
