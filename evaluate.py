@@ -145,6 +145,8 @@ def coco_metrics(hypotheses: list[str], references: list[list[str]], meteor=None
             clean = {i: [r.replace("|||", "") for r in refs] for i, refs in gts.items()}
             meteor = float(meteor.compute_score(clean, res)[0])
         except (OSError, ValueError) as e:  # the Java process died: keep the other figures
+            if meteor.lock.locked():  # pycocoevalcap keeps it on failure; its __del__ would wait forever
+                meteor.lock.release()
             print(f"warning: METEOR failed ({type(e).__name__}: {e}); it is reported as absent")
             meteor = None
     corpus.update(meteor=meteor, rouge_l=float(rouge), cider_d=float(cider))

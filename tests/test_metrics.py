@@ -4,6 +4,8 @@ CIDEr-D tells an image's own caption from another image's."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +137,20 @@ def test_cider_d_falls_by_more_than_half_when_captions_go_to_other_images():
     own = coco_metrics(hypotheses, references)[0]["cider_d"]
     other = coco_metrics(hypotheses[1:] + hypotheses[:1], references)[0]["cider_d"]  # the neighbour's caption
     assert own > 0.5 and other < own / 2
+
+
+@needs_java
+def test_a_dead_meteor_process_leaves_meteor_absent_and_the_rest(tmp_path):
+    # in a child process with a time limit: pycocoevalcap's Meteor used to keep its lock after a failure, and its
+    # __del__ then waited for it forever
+    script = ("import evaluate\n"
+              "meteor = evaluate.meteor_scorer()\n"
+              "meteor.meteor_p.kill(); meteor.meteor_p.wait()\n"
+              "for _ in range(2):\n"
+              "    corpus, _ = evaluate.coco_metrics(['a dog runs'], [['a dog runs on grass']], meteor)\n"
+              "    assert corpus['meteor'] is None and corpus['bleu1'] > 0.5, corpus\n"
+              "del meteor\n"
+              "print('done')\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.count("METEOR failed") == 2 and "done" in result.stdout
