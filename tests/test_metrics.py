@@ -141,8 +141,8 @@ def test_cider_d_falls_by_more_than_half_when_captions_go_to_other_images():
 
 @needs_java
 def test_a_dead_meteor_process_leaves_meteor_absent_and_the_rest(tmp_path):
-    # in a child process with a time limit: pycocoevalcap's Meteor used to keep its lock after a failure, and its
-    # __del__ then waited for it forever
+    # in a child process with a time limit: pycocoevalcap's Meteor keeps its lock after a failure, and its
+    # __del__ would then wait for it forever
     script = ("import evaluate\n"
               "meteor = evaluate.meteor_scorer()\n"
               "meteor.meteor_p.kill(); meteor.meteor_p.wait()\n"
@@ -152,5 +152,6 @@ def test_a_dead_meteor_process_leaves_meteor_absent_and_the_rest(tmp_path):
               "del meteor\n"
               "print('done')\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and result.stdout.count("METEOR failed") == 2 and "done" in result.stdout
