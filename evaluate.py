@@ -118,7 +118,8 @@ def _coco_inputs(hypotheses: list[str], references: list[list[str]]) -> tuple[di
         raise ValueError(f"{len(hypotheses)} captions for {len(references)} images: need one caption and at "
                          f"least one reference per image, and at least one image")
     gts = {i: [" ".join(coco_tokenize(r)) for r in refs] for i, refs in enumerate(references)}
-    # An empty caption stays "" (one empty string): BLEU, ROUGE-L, CIDEr-D and METEOR score it 0
+    # An empty caption stays "", which every scorer takes and scores 0; only ROUGE-L, splitting at " ", sees
+    # one empty token and gives 1 against a reference that tokenizes to nothing too ("..."), as pycocoevalcap
     return gts, {i: [" ".join(coco_tokenize(h))] for i, h in enumerate(hypotheses)}
 
 

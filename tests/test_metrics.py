@@ -83,11 +83,13 @@ def test_our_metrics_equal_pycocoevalcap_on_odd_captions():
     for i, caption in enumerate(ODD_CAPTIONS):  # among ordinary images: CIDEr-D's frequencies need a corpus
         hypotheses[10 * i] = caption
     hypotheses[5] = " ".join(references[5] * 2)  # longer than every reference
-    references[7] = references[7] + ["...", ""]  # references that tokenize to nothing
+    references[7] = references[7] + ["...", ""]  # references that tokenize to nothing, and an empty caption
+    hypotheses[7] = "!"
     _, res, ours = assert_same_scores(hypotheses, references)
     assert res[0] == [""] and res[10] == [""]
     per_image = coco_metrics(hypotheses, references)[1]
     assert per_image["cider_d"][0] == 0.0 and per_image["bleu4"][0] < 1e-9  # the empty caption scores 0
+    assert per_image["cider_d"][7] == 0.0  # ROUGE-L alone finds "" in "" (checked equal to theirs above)
 
 
 @needs_java
