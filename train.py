@@ -6,10 +6,10 @@ Train a caption decoder on frozen image embeddings.
         --language-model runs/small-decoder --lr 1e-3                     # offline, on a CPU (see tools/)
 
 data.py provides the captions and the backbone's image tokens (cached on disk); this file runs a hand-rolled
-loop: autocast (fp16 + GradScaler, bf16 or fp32), gradient accumulation whose gradient equals the one big
-batch, AdamW with warmup + cosine, clipping. After every epoch it measures validation loss and BLEU-4 (real
-decoding) and keeps the best epoch in OUT/model.pt; the full training state goes to OUT/checkpoint.pt so
-that --resume continues exactly where the run stopped.
+loop: autocast (bf16, fp16 + GradScaler, or fp32), gradient accumulation whose gradient equals the one big
+batch, AdamW with warmup + cosine, clipping. After every epoch it measures the validation loss, BLEU-4 and
+CIDEr-D (real decoding) and keeps the best epoch in OUT/model.pt; the full training state goes to
+OUT/checkpoint.pt, so that --resume continues exactly where the run stopped.
 
 Several GPUs: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel; every optimizer step
 then sees batch size x accumulation x N captions, and rank 0 alone logs, evaluates and writes files.
@@ -34,12 +34,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from captioner import (ArchiveError, CaptionModel, CaptionerConfig, LockedError, atomic_torch_save,
-                       atomic_write_text, autocast, build_model, file_lock, labelled_positions, remove_orphans,
-                       caption_image_tokens, check_backbone_name, cpu_state_dict, default_device,
-                       embedding_precision, load_backbone, safe_torch_load, save_model, tokenizer_from_data,
+                       atomic_write_text, autocast, build_model, caption_image_tokens, check_backbone_name,
+                       cpu_state_dict, default_device, embedding_precision, file_lock, labelled_positions,
+                       load_backbone, remove_orphans, safe_torch_load, save_model, tokenizer_from_data,
                        tokenizer_to_data)
-from data import DownloadError, default_cache_dir, prepare_coco, read_karpathy, split_image_tokens, tokenize_captions
-from evaluate import bleu4_coco
+from data import (DownloadError, default_cache_dir, prepare_coco, read_karpathy, split_image_tokens,
+                  tokenize_captions)
+from evaluate import coco_metrics
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -76,17 +77,24 @@ class Processes:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")  # gloo runs on CPUs (and the test)
-        # Waiting for rank 0 (downloading 20 GB, embedding, evaluating) goes through a CPU group with a long
-        # timeout, so that a slow download does not trip the short timeout meant to catch a hung GPU collective.
-        return cls(rank, world_size, device, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        # Waiting for rank 0 (a 20 GB download, embedding, evaluating) goes through a CPU group with a long
+        # timeout, so that it does not trip the short timeout meant to catch a hung GPU collective.
+        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+        return cls(rank, world_size, device, wait_group)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Seeded by a hash of (seed, epoch): no two pairs share an order, as seed * 1000 + epoch would."""
+    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) -> list[tuple[int, int]]:
     """(image, caption) pairs of one epoch, shuffled by a generator seeded from (seed, epoch) alone, so the
-    order can be recomputed on resume. The pair is hashed: no two (seed, epoch) pairs share an order."""
+    order can be recomputed on resume."""
     generator = epoch_generator(seed, epoch)
     if one_caption_per_image:
         picks = [int(torch.randint(len(c), (1,), generator=generator)) for c in captions]
@@ -94,11 +102,6 @@ def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) ->
     else:
         pairs = [(i, j) for i, c in enumerate(captions) for j in range(len(c))]
     return [pairs[k] for k in torch.randperm(len(pairs), generator=generator).tolist()]
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def epoch_windows(captions, epoch: int, args, world_size: int = 1) -> list[list[tuple[int, int]]]:
@@ -142,7 +145,8 @@ def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = Fa
         labels[row, : len(s) - 1] = torch.tensor(s[1:])
     index = [i for i, _ in pairs]
     if torch.is_tensor(image_tokens):  # the split's tokens are on the GPU: gather there; only indices travel
-        return image_tokens.index_select(0, to_device(torch.tensor(index), image_tokens.device)), input_ids, labels
+        rows = to_device(torch.tensor(index), image_tokens.device)
+        return image_tokens.index_select(0, rows), input_ids, labels
     return torch.from_numpy(np.ascontiguousarray(image_tokens[index])), input_ids, labels  # (B, K, D) fp16
 
 
@@ -201,10 +205,10 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
         counts = torch.tensor([float(window_tokens)], device=processes.device)
         dist.all_reduce(counts)  # SUM over processes
         window_tokens = int(counts.item())
-    # The step's loss is the mean over the window's tokens: sum of every token's cross-entropy / window_tokens.
-    # So each micro-batch adds its token SUM / window_tokens (a mean per micro-batch would over-weight short
-    # ones), whatever the split into micro-batches and processes. DDP averages gradients over processes; the
-    # factor world_size turns that average back into the sum.
+    # The step's loss is the mean over the window's tokens: the sum of every token's cross-entropy divided
+    # by window_tokens. So each micro-batch adds its token SUM / window_tokens (a mean per micro-batch would
+    # over-weight short ones), however the window is split into micro-batches and processes. DDP averages
+    # gradients over processes; the factor world_size turns that average back into the sum.
     scale = weight * processes.world_size / window_tokens
     window_loss = torch.zeros((), device=processes.device)
     for k, (image_tokens, input_ids, labels) in enumerate(batches):
@@ -224,58 +228,6 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
     return window_loss / processes.world_size, window_tokens
 
 
-def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log,
-                    stop_request) -> bool:
-    """Run the optimizer steps of one epoch from state.step_in_epoch on. Returns False if the run must stop
-    early (--stop-after-steps, a signal; a checkpoint is saved), True when the epoch is complete."""
-    model.train()
-    windows = epoch_windows(data["captions"], epoch, args, processes.world_size)
-    stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
-    interval = {"losses": [], "tokens": 0, "start": time.time()}
-    for window_index in range(state.step_in_epoch, len(windows)):
-        lr = get_lr(state.step, total_steps, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        mine, weight = my_share(windows[window_index], processes.rank, processes.world_size)
-        batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
-                              args.train_padding) for i in range(0, len(mine), args.batch_size)]
-        loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer_step(optimizer, scaler, loss)
-        optimizer.zero_grad(set_to_none=True)
-
-        state.step += 1
-        state.step_in_epoch = window_index + 1
-        interval["losses"].append(loss)
-        interval["tokens"] += window_tokens
-        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
-        save = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
-        if save or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
-            # the one host synchronisation of the interval: the losses come off the device here
-            losses = torch.stack(interval["losses"]).tolist()
-            bad = [k for k, value in enumerate(losses) if not math.isfinite(value)]
-            if bad:
-                first = state.step - len(losses) + bad[0]
-                raise SystemExit(f"error: the training loss is {losses[bad[0]]} at step {first} (epoch {epoch}); "
-                                 f"stopped, and no step with a non-finite loss changed the weights. With "
-                                 f"--precision 16, --resume --precision bf16 (or 32) continues from the last "
-                                 f"checkpoint; otherwise start a new run with a lower --lr (--overwrite)")
-            seconds = time.time() - interval["start"]
-            record = {"type": "train", "step": state.step, "epoch": epoch, "loss": sum(losses) / len(losses),
-                      "lr": lr, "grad_norm": float(grad_norm), "ms_per_step": 1000 * seconds / len(losses),
-                      "tokens_per_s": interval["tokens"] / seconds}
-            log(record, f"epoch {epoch} step {state.step}/{total_steps}: loss {record['loss']:.4f} "
-                        f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} ms/step "
-                        f"{record['tokens_per_s']:.0f} tokens/s")
-            interval = {"losses": [], "tokens": 0, "start": time.time()}
-        if save:
-            save_checkpoint(args, processes, model, optimizer, scaler, state, data["tokenizer"])
-        if stop:
-            return False
-    return True
-
-
 def optimizer_step(optimizer, scaler, loss):
     """Step, unless the loss (or, in fp16, a gradient) is not finite, decided on the device: the host never
     waits for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol);
@@ -291,6 +243,73 @@ def optimizer_step(optimizer, scaler, loss):
     scaler.update()
 
 
+class Interval:
+    """The steps since the last log line. Their losses stay on the device until `close`, the one host
+    synchronisation of the interval, which also stops the run if one of them was not finite."""
+
+    def __init__(self):
+        self.losses, self.tokens, self.start = [], 0, time.time()
+
+    def add(self, loss, tokens: int):
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    def close(self, step: int, epoch: int) -> dict:
+        """-> mean loss, ms/step and tokens/s of the interval, which ends at optimizer step `step`."""
+        losses = torch.stack(self.losses).tolist()
+        bad = [k for k, value in enumerate(losses) if not math.isfinite(value)]
+        if bad:
+            first = step - len(losses) + bad[0]
+            raise SystemExit(f"error: the training loss is {losses[bad[0]]} at step {first} (epoch {epoch}); "
+                             f"stopped, and no step with a non-finite loss changed the weights. With "
+                             f"--precision 16, --resume --precision bf16 (or 32) continues from the last "
+                             f"checkpoint; otherwise start a new run with a lower --lr (--overwrite)")
+        seconds = time.time() - self.start
+        return {"loss": sum(losses) / len(losses), "ms_per_step": 1000 * seconds / len(losses),
+                "tokens_per_s": self.tokens / seconds}
+
+
+def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log, save,
+                    stop_request) -> bool:
+    """Run the optimizer steps of one epoch from state.step_in_epoch on; save() writes a checkpoint. Returns
+    False if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved), True when the
+    epoch is complete."""
+    model.train()
+    windows = epoch_windows(data["captions"], epoch, args, processes.world_size)
+    stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
+    interval = Interval()
+    for window_index in range(state.step_in_epoch, len(windows)):
+        lr = get_lr(state.step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine, weight = my_share(windows[window_index], processes.rank, processes.world_size)
+        batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
+                              args.train_padding) for i in range(0, len(mine), args.batch_size)]
+        loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer_step(optimizer, scaler, loss)
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.step_in_epoch = window_index + 1
+        interval.add(loss, window_tokens)
+        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
+        checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
+        if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+            record = {"type": "train", "step": state.step, "epoch": epoch,
+                      **interval.close(state.step, epoch), "lr": lr, "grad_norm": float(grad_norm)}
+            log(record, f"epoch {epoch} step {state.step}/{total_steps}: loss {record['loss']:.4f} "
+                        f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} "
+                        f"ms/step {record['tokens_per_s']:.0f} tokens/s")
+            interval = Interval()
+        if checkpoint:
+            save()
+        if stop:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ---- validation ----
 
@@ -300,7 +319,8 @@ def validation_loss(model, data, args, device) -> float:
     total, tokens = 0.0, 0
     pairs = [(i, j) for i, c in enumerate(data["captions"]) for j in range(len(c))]
     for start in range(0, len(pairs), args.eval_batch_size):
-        batch = make_batch(pairs[start:start + args.eval_batch_size], data["captions"], data["tokens"], data["eos"])
+        batch = make_batch(pairs[start:start + args.eval_batch_size], data["captions"], data["tokens"],
+                           data["eos"])
         image_tokens, input_ids, (positions, targets) = batch[0], batch[1], labelled_positions(batch[2])
         with autocast(device, args.precision):
             _, loss_sum = model(*(t.to(device) for t in (image_tokens, input_ids, positions, targets)))
@@ -308,14 +328,16 @@ def validation_loss(model, data, args, device) -> float:
     return total / tokens
 
 
-def validate(model, data, args, device) -> tuple[float, float, list[str]]:
-    """-> validation loss, BLEU-4 (COCO protocol) of real decoding, and the captions."""
+def validate(model, data, args, device) -> dict:
+    """-> validation loss, BLEU-4 and CIDEr-D (COCO protocol) of real decoding, and the first caption."""
     model.eval()  # decoding leaves the mode to its caller
     val_loss = validation_loss(model, data, args, device)
     captions = caption_image_tokens(model, data["tokenizer"], data["host_tokens"], args.beam_size, device,
                                     args.eval_batch_size, args.max_length)
     model.train()
-    return val_loss, bleu4_coco(captions, data["references"]), captions
+    scores, _ = coco_metrics(captions, data["references"])
+    return {"val_loss": val_loss, "val_bleu4": scores["bleu4"], "val_cider_d": scores["cider_d"],
+            "example": captions[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,23 +348,30 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch running (or next to run)
     step_in_epoch: int = 0  # its optimizer steps done
-    best_bleu4: float = -1.0  # of the epoch in model.pt
+    best_score: float = -1.0  # the --select-by figure of the epoch in model.pt
     best_val_loss: float = math.inf
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "TrainState":
+        state = dict(state)
+        if "best_bleu4" in state:  # checkpoints from before --select-by
+            state["best_score"] = state.pop("best_bleu4")
+        return cls(**state)
 
 
 # Settings that a resumed run must share with the run it continues. Others may change: --max-epochs (the LR
 # schedule is then recomputed for the new length), --precision (the image tokens keep the run's precision).
-RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size", "accumulate_grad_batches",
-                     "seed", "one_caption_per_image", "train_padding", "max_caption_tokens", "data_dir",
-                     "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio", "weight_decay",
-                     "grad_clip", "beam_size", "max_length", "bucket_windows")
-LEGACY = {"bucket_windows": 0}  # what a checkpoint from before a setting existed ran with
+RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size",
+                     "accumulate_grad_batches", "seed", "one_caption_per_image", "train_padding",
+                     "max_caption_tokens", "data_dir", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
+                     "weight_decay", "grad_clip", "beam_size", "max_length", "bucket_windows", "select_by")
+LEGACY = {"bucket_windows": 0, "select_by": "bleu4"}  # how runs from before these settings existed ran
 
 
 def rng_states() -> dict:
     numpy_state = np.random.get_state()
     return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [numpy_state[0], numpy_state[1].tolist(), numpy_state[2], numpy_state[3], numpy_state[4]],
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
@@ -357,8 +386,9 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(args, processes, model, optimizer, scaler, state: TrainState, tokenizer):
-    """Called by every process (each contributes its RNG state); rank 0 writes OUT/checkpoint.pt."""
+def save_checkpoint(path, processes, model, optimizer, scaler, state, tokenizer, settings: dict):
+    """Called by every process (each contributes its RNG state); rank 0 writes `path`. `settings`: plain
+    data that load_checkpoint compares on resume."""
     model = getattr(model, "module", model)  # the model inside DistributedDataParallel
     states = [rng_states()]
     if processes.world_size > 1:
@@ -366,33 +396,29 @@ def save_checkpoint(args, processes, model, optimizer, scaler, state: TrainState
         dist.all_gather_object(states, rng_states())
     if not processes.is_main:
         return
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "model": cpu_state_dict(model), "config": asdict(model.config), "tokenizer": tokenizer_to_data(tokenizer),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "state": asdict(state),
-        "rng": states,  # one per process
-        "args": {**{k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision", "max_epochs",
-                                                                      "embedding_precision")},
-                 "world_size": processes.world_size},
-    }
-    atomic_torch_save(checkpoint, os.path.join(args.out_dir, "checkpoint.pt"))
+    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": cpu_state_dict(model),
+                  "config": asdict(model.config), "tokenizer": tokenizer_to_data(tokenizer),
+                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": asdict(state),
+                  "rng": states,  # one per process
+                  "args": {**settings, "world_size": processes.world_size}}
+    atomic_torch_save(checkpoint, path)
 
 
-def load_checkpoint(args, world_size: int) -> dict:
-    path = os.path.join(args.out_dir, "checkpoint.pt")
+def load_checkpoint(path: str, settings: dict, must_match, world_size: int) -> dict:
+    """Read a checkpoint; refuse it, naming the flags, if it was written with other `must_match` settings."""
     checkpoint = safe_torch_load(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-    missing = {"model", "config", "tokenizer", "optimizer", "scaler", "state", "rng", "args"} - set(checkpoint)
+    needed = {"model", "config", "tokenizer", "optimizer", "scaler", "state", "rng", "args"}
+    missing = needed - set(checkpoint)
     if missing:
         raise ArchiveError(f"{path}: damaged checkpoint: no {', '.join(sorted(missing))}")
-    saved = checkpoint["args"]
-    different = {k: (saved.get(k, LEGACY.get(k)), getattr(args, k)) for k in RESUME_MUST_MATCH
-                 if saved.get(k, LEGACY.get(k)) != getattr(args, k)}
-    if saved.get("world_size", 1) != world_size:
-        different["nproc-per-node"] = (saved.get("world_size", 1), world_size)
+    saved = {**LEGACY, "world_size": 1, **checkpoint["args"]}
+    different = {k: (saved.get(k), settings[k]) for k in must_match if saved.get(k) != settings[k]}
+    if saved["world_size"] != world_size:
+        different["nproc-per-node"] = (saved["world_size"], world_size)
     if different:
         raise SystemExit(f"error: {path} was written with other settings; resume with the same ones: " +
-                         ", ".join(f"--{k.replace('_', '-')} {old!r} (now {new!r})" for k, (old, new) in different.items()))
+                         ", ".join(f"--{k.replace('_', '-')} {old!r} (now {new!r})"
+                                   for k, (old, new) in different.items()))
     return checkpoint
 
 
@@ -407,13 +433,68 @@ def trim_log(log_path: str, state: TrainState):
     for line in lines:
         try:
             record = json.loads(line)
-            if record["step"] <= state.step and not (record["type"] == "epoch" and record["epoch"] >= state.epoch):
+            unfinished_epoch = record["type"] == "epoch" and record["epoch"] >= state.epoch
+            if record["step"] <= state.step and not unfinished_epoch:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut short by the interruption
     if len(kept) != len(lines):
         atomic_write_text(log_path, "".join(kept))
-        print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {state.step}, which run again now")
+        print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {state.step} (to run again)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- a run's safety: one run per out dir, signals ----
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """One run per --out-dir: a second one is refused at once, naming the first. Also finds a read-only
+    --out-dir before anything is built, and removes what a killed save left behind."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with file_lock(os.path.join(out_dir, ".lock"), out_dir, wait=False):
+            remove_orphans(out_dir)
+            yield
+    except LockedError as e:
+        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
+    except PermissionError as e:
+        raise SystemExit(f"error: {out_dir}: cannot write here ({e.strerror}); choose another "
+                         f"--out-dir") from None
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while training: finish the optimizer step, save a checkpoint, then stop.
+    A second signal stops at once (nothing is lost: --resume goes on from the last checkpoint)."""
+
+    def __init__(self, processes: Processes):
+        self.processes, self.signal = processes, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop at "
+              f"once)", flush=True)
+
+    def requested(self) -> bool:
+        """Whether to stop now; with several processes, all stop together (a collective: call it on all)."""
+        if self.processes.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)], device=self.processes.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,16 +506,21 @@ def get_args_parser():
     # model
     add("--vision-backbone", default="blip:base",
         help="frozen image encoder: blip:base (BLIP ViT-B/16 CapFilt-L at 224 px, as LAVIS ran it), "
-             "efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, clip:ViT-L/14@336px, or clip:<dir>")
-    add("--image-grid", type=int, default=3, help="image tokens per image = 1 global + grid x grid pooled patch "
-                                                   "tokens; 0 = the single global embedding (the original's design)")
+             "efficientnet-lite0, clip:ViT-B/32, clip:ViT-B/16, clip:ViT-L/14, clip:ViT-L/14@336px, "
+             "clip:<dir>")
+    add("--image-grid", type=int, default=3,
+        help="image tokens per image = 1 global + grid x grid pooled patch tokens; 0 = the single global "
+             "embedding (the original's design)")
     add("--language-model", default="distilgpt2",
-        help="GPT-2-family decoder: distilgpt2, gpt2, gpt2-medium, or a local directory with a model and tokenizer")
+        help="GPT-2-family decoder: distilgpt2, gpt2, gpt2-medium, or a local folder with a model and "
+             "tokenizer")
     # data
-    add("--data-dir", default="data/coco", help="folder with a Karpathy-format dataset_coco.json and its images")
-    add("--cache-dir", default=None, help="where image embeddings are cached (default: $XDG_CACHE_HOME/captioner "
-                                          "or ~/.cache/captioner); the data folder may be read-only")
-    add("--max-caption-tokens", type=int, default=40, help="training captions are cut to this many tokens, EOS included")
+    add("--data-dir", default="data/coco",
+        help="folder with a Karpathy-format dataset_coco.json and its images")
+    add("--cache-dir", default=None, help="where image embeddings are cached (default: "
+                                          "$XDG_CACHE_HOME/captioner or ~/.cache/captioner)")
+    add("--max-caption-tokens", type=int, default=40,
+        help="training captions are cut to this many tokens, EOS included")
     add("--one-caption-per-image", action="store_true",
         help="an epoch sees one random caption per image (the original) instead of all of them")
     add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -446,10 +532,11 @@ def get_args_parser():
     add("--max-epochs", type=int, default=10, help="passes over the training captions")
     add("--batch-size", type=int, default=128, help="captions per micro-batch (the original: 32)")
     add("--accumulate-grad-batches", type=int, default=1,
-        help="micro-batches per optimizer step (effective batch = batch size x this x processes; "
-             "the original: 4)")
-    add("--lr", type=float, default=1e-4, help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a "
-                                               "small decoder trained from scratch)")
+        help="micro-batches per optimizer step (effective batch = batch size x this x processes; the "
+             "original: 4)")
+    add("--lr", type=float, default=1e-4,
+        help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a small decoder trained from "
+             "scratch)")
     add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
         help="cosine: linear warmup then cosine decay; constant: the original's fixed LR")
     add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up")
@@ -459,8 +546,8 @@ def get_args_parser():
     add("--train-padding", action="store_true",
         help="train padding positions as EOS (the original's behaviour; for comparison only)")
     add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
-        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; 32: fp32 "
-             "(TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
+        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; "
+             "32: fp32 (TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
     add("--bucket-windows", type=int, default=50,
         help="sort the captions by length within chunks of this many optimizer steps, so that micro-batches "
              "carry little padding (0: plain shuffle, as the original)")
@@ -470,9 +557,11 @@ def get_args_parser():
         help="torch.compile the model for training (the first steps then include the compilation)")
     add("--seed", type=int, default=0, help="seeds every RNG and the data order")
     # evaluation during training
-    add("--beam-size", type=int, default=1, help="beams for validation BLEU after each epoch")
+    add("--beam-size", type=int, default=1, help="beams for the validation captions after each epoch")
     add("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
     add("--eval-batch-size", type=int, default=128, help="images decoded together")
+    add("--select-by", choices=["bleu4", "cider_d"], default="bleu4",
+        help="the validation figure (COCO protocol) that picks the epoch kept in model.pt")
     # run
     add("--out-dir", default="out", help="model.pt, checkpoint.pt and log.jsonl go here")
     add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
@@ -481,9 +570,14 @@ def get_args_parser():
     add("--log-interval", type=int, default=50, help="optimizer steps per log line")
     add("--checkpoint-every", type=int, default=500,
         help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch)")
-    add("--stop-after-steps", type=int, default=0, help="save a checkpoint and exit after N optimizer steps of "
-                                                        "this invocation (0: run to the end); continue with --resume")
+    add("--stop-after-steps", type=int, default=0,
+        help="save a checkpoint and exit after N optimizer steps of this invocation (0: run to the end); "
+             "continue with --resume")
     return parser
+
+
+MAX_IMAGE_GRID = 16  # 257 image tokens; the backbones' patch grids are 7 x 7 to 24 x 24
+RUN_FILES = ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")
 
 
 def check_args(args, parser):
@@ -502,12 +596,13 @@ def check_args(args, parser):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
     if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
-        parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per image)")
+        parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per "
+                     f"image)")
     if args.lr <= 0 or args.grad_clip <= 0 or args.weight_decay < 0:
         parser.error("--lr and --grad-clip must be > 0, --weight-decay >= 0")
     if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
-        parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor would "
-                     "end the run in gradient ascent)")
+        parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor "
+                     "would end the run in gradient ascent)")
     args.device = args.device or default_device()
     cuda = torch.device(args.device).type == "cuda"
     if args.precision == "auto":
@@ -521,18 +616,21 @@ def check_args(args, parser):
     args.data_dir = os.path.abspath(args.data_dir)
 
 
-MAX_IMAGE_GRID = 16  # 257 image tokens; the backbones' patch grids are 7 x 7 to 24 x 24
-RUN_FILES = ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")
-
-
 def check_out_dir(args):
     """Refuse early to overwrite or to resume what is not there."""
     checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
     if args.resume and not os.path.isfile(checkpoint_path):
         raise SystemExit(f"error: --resume: {checkpoint_path} does not exist")
-    if not args.resume and not args.overwrite and any(os.path.exists(os.path.join(args.out_dir, f)) for f in RUN_FILES):
+    if not args.resume and not args.overwrite and any(os.path.exists(os.path.join(args.out_dir, f))
+                                                      for f in RUN_FILES):
         raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out-dir")
+
+
+def run_settings(args) -> dict:
+    """What a checkpoint records of the run's flags."""
+    recorded = RESUME_MUST_MATCH + ("precision", "max_epochs", "embedding_precision")
+    return {k: getattr(args, k) for k in recorded}
 
 
 def load_splits(args, processes: Processes) -> dict:
@@ -548,7 +646,8 @@ def load_splits(args, processes: Processes) -> dict:
             processes.device, args.embedding_precision, args.num_workers, get_backbone=get_backbone,
             rank=processes.rank, world_size=processes.world_size, barrier=processes.barrier)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
-    shared = {item.source.name for item in splits["train"]["items"]} & {item.source.name for item in splits["val"]["items"]}
+    shared = {item.source.name for item in splits["train"]["items"]} & \
+        {item.source.name for item in splits["val"]["items"]}
     if shared and processes.is_main:  # validation would then flatter the model
         print(f"warning: {len(shared)} images are in both the train and the val split (e.g. {min(shared)})")
     return splits
@@ -577,65 +676,18 @@ def main(args):
             dist.destroy_process_group()
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def out_dir_lock(out_dir: str):
-    """One run per --out-dir: a second one is refused at once, naming the first. Also finds a read-only
-    --out-dir before anything is built, and removes what a killed save left behind."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = file_lock(os.path.join(out_dir, ".lock"), out_dir, wait=False)
-        with lock:
-            remove_orphans(out_dir)
-            yield
-    except LockedError as e:
-        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
-    except PermissionError as e:
-        raise SystemExit(f"error: {out_dir}: cannot write here ({e.strerror}); choose another --out-dir") from None
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM while training: finish the optimizer step, save a checkpoint, then stop.
-    A second signal stops at once (nothing is lost: --resume goes on from the last checkpoint)."""
-
-    def __init__(self, processes: Processes):
-        self.processes, self.signal = processes, None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop at once)",
-              flush=True)
-
-    def requested(self) -> bool:
-        """Whether to stop now; with several processes, all stop together (a collective: call it on all)."""
-        if self.processes.world_size == 1:
-            return self.signal is not None
-        flag = torch.tensor([float(self.signal is not None)], device=self.processes.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def train(args, processes: Processes):
     say = print if processes.is_main else (lambda *a, **k: None)
     device = processes.device
     check_out_dir(args)
-    checkpoint = load_checkpoint(args, processes.world_size) if args.resume else None
+    checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
     # image tokens keep the precision the run started with, whatever --precision a resumed run gives
-    args.embedding_precision = (checkpoint["args"].get("embedding_precision", "32") if checkpoint else
-                                embedding_precision(device, args.precision))
+    args.embedding_precision = embedding_precision(device, args.precision)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
+                                     processes.world_size)
+        args.embedding_precision = checkpoint["args"].get("embedding_precision", "32")
 
     # data: captions and cached image tokens
     splits = load_splits(args, processes)
@@ -650,7 +702,8 @@ def train(args, processes: Processes):
     positions = model.decoder.config.n_positions
     if max(args.max_caption_tokens, args.max_length) > positions:
         raise SystemExit(f"error: {args.language_model} reads at most {positions} tokens; lower "
-                         f"--max-caption-tokens ({args.max_caption_tokens}) and --max-length ({args.max_length})")
+                         f"--max-caption-tokens ({args.max_caption_tokens}) and --max-length "
+                         f"({args.max_length})")
     model.to(device)
     if torch.device(device).type == "cuda":
         # TF32 matmuls for the fp32 parts (all of --precision 32): ~fp32 accuracy at tensor-core speed
@@ -671,7 +724,7 @@ def train(args, processes: Processes):
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] and scaler.is_enabled():  # empty when the run so far was not fp16
             scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState(**checkpoint["state"])
+        state = TrainState.from_checkpoint(checkpoint["state"])
         set_rng_states(checkpoint["rng"][processes.rank])
     # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
     train_model = model if processes.world_size == 1 else DistributedDataParallel(
@@ -684,19 +737,19 @@ def train(args, processes: Processes):
     effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
     steps_per_epoch = math.ceil(captions_per_epoch / effective_batch)
     total_steps = steps_per_epoch * args.max_epochs
-    say(f"device {device}, precision {args.precision}, decoder {args.language_model} "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), backbone {args.vision_backbone}, "
-        f"{model.config.num_image_tokens} image tokens per image")
-    say(f"train {len(splits['train']['items'])} images / {train_captions} captions, val {len(splits['val']['items'])} "
-        f"images; "
-        f"{captions_per_epoch} captions per epoch")
-    say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} process"
-        f"{'es' if processes.world_size > 1 else ''} = {effective_batch} captions; {steps_per_epoch} optimizer "
-        f"steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
     windows = epoch_windows(splits["train"]["captions"], 0, args, processes.world_size)
-    say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
-        f"positions in micro-batches (--bucket-windows {args.bucket_windows})")
-    say(f"outputs: {args.out_dir}/model.pt (best epoch by val BLEU-4), checkpoint.pt, log.jsonl; "
+    say(f"device {device}, precision {args.precision}, decoder {args.language_model} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), backbone "
+        f"{args.vision_backbone}, {model.config.num_image_tokens} image tokens per image")
+    say(f"train {len(splits['train']['items'])} images / {train_captions} captions, val "
+        f"{len(splits['val']['items'])} images; {captions_per_epoch} captions per epoch")
+    say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} "
+        f"process{'es' if processes.world_size > 1 else ''} = {effective_batch} captions; {steps_per_epoch} "
+        f"optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
+    padding = padding_fraction(windows, splits["train"]["captions"], args.batch_size)
+    say(f"padding: {padding:.1%} of the token positions in micro-batches (--bucket-windows "
+        f"{args.bucket_windows})")
+    say(f"outputs: {args.out_dir}/model.pt (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
         say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
@@ -713,7 +766,6 @@ def train(args, processes: Processes):
     # Everything is in place: only now replace an old run (--overwrite) or forget what follows the checkpoint.
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if processes.is_main:
-        os.makedirs(args.out_dir, exist_ok=True)
         if args.overwrite and not args.resume:
             for f in RUN_FILES:
                 if os.path.exists(os.path.join(args.out_dir, f)):
@@ -727,47 +779,47 @@ def train(args, processes: Processes):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def save():
+        save_checkpoint(checkpoint_path, processes, model, optimizer, scaler, state, tokenizer,
+                        run_settings(args))
+
     # the epoch loop
     with StopRequest(processes) as stop_request:
         for epoch in range(state.epoch, args.max_epochs):
-            if not run_epoch(train_model, model, tokenizer, optimizer, scaler, splits, epoch, state, total_steps,
-                             args, processes, log, stop_request):
+            state.epoch = epoch
+            epoch_start = time.time()
+            if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps,
+                                   args, processes, log, save, stop_request):
+                break
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
+                scores = validate(model, splits["val"], args, device)
+                # ties (0.0 early on, say) go to the lower validation loss
+                score = scores[f"val_{args.select_by}"]
+                best = (score, -scores["val_loss"]) > (state.best_score, -state.best_val_loss)
+                if best:
+                    state.best_score, state.best_val_loss = score, scores["val_loss"]
+                    save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer,
+                               splits["train"]["preprocessing"],
+                               {"epoch": epoch, "step": state.step, "val_bleu4_coco": scores["val_bleu4"],
+                                "val_cider_d": scores["val_cider_d"], "val_loss": scores["val_loss"],
+                                "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
+                log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
+                     "seconds": time.time() - epoch_start},
+                    f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, "
+                    f"CIDEr-D {scores['val_cider_d']:.4f} (beam {args.beam_size})"
+                    f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+            processes.barrier()
+            save()
+            if stop_request.requested():
                 break
     if stop_request.signal:
-        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {args.out_dir}/"
-                         f"checkpoint.pt holds it; --resume continues from there")
-    if args.stop_after_steps and state.epoch < args.max_epochs:
+        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {checkpoint_path} "
+                         f"holds it; --resume continues from there")
+    if state.epoch < args.max_epochs:
         say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
         return
-    say(f"done: best val BLEU-4 {state.best_bleu4:.4f}; model in {args.out_dir}/model.pt")
-
-
-def run_epoch(train_model, model, tokenizer, optimizer, scaler, splits, epoch, state, total_steps, args,
-              processes, log, stop_request) -> bool:
-    """Train one epoch, validate, keep the best model, save the checkpoint. -> False to stop the run."""
-    device = processes.device
-    state.epoch = epoch
-    epoch_start = time.time()
-    if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps, args,
-                           processes, log, stop_request):
-        return False
-    state.epoch, state.step_in_epoch = epoch + 1, 0
-    if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
-        val_loss, val_bleu4, captions = validate(model, splits["val"], args, device)
-        # best by validation BLEU-4; ties (0.0 early on, say) go to the lower validation loss
-        best = (val_bleu4, -val_loss) > (state.best_bleu4, -state.best_val_loss)
-        if best:
-            state.best_bleu4, state.best_val_loss = val_bleu4, val_loss
-            save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, splits["train"]["preprocessing"],
-                       {"epoch": epoch, "step": state.step, "val_bleu4_coco": val_bleu4, "val_loss": val_loss,
-                        "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
-        log({"type": "epoch", "epoch": epoch, "step": state.step, "val_loss": val_loss, "val_bleu4": val_bleu4,
-             "best": best, "seconds": time.time() - epoch_start, "example": captions[0]},
-            f"epoch {epoch}: val loss {val_loss:.4f}, val BLEU-4 {val_bleu4:.4f} (beam {args.beam_size})"
-            f"{' (best so far, saved model.pt)' if best else ''}; e.g. {captions[0]!r}")
-    processes.barrier()
-    save_checkpoint(args, processes, model, optimizer, scaler, state, tokenizer)
-    return not stop_request.requested()
+    say(f"done: best val {args.select_by} {state.best_score:.4f}; model in {args.out_dir}/model.pt")
 
 
 if __name__ == "__main__":

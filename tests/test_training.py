@@ -32,8 +32,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     assert [s for s, _ in train_a] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in train_b] == [s for s, _ in train_a]
     assert [l for _, l in train_b] == pytest.approx([l for _, l in train_a], rel=1e-6, abs=1e-7)
-    epochs_a = [(r["val_loss"], r["val_bleu4"]) for r in log_a if r["type"] == "epoch"]
-    epochs_b = [(r["val_loss"], r["val_bleu4"]) for r in log_b if r["type"] == "epoch"]
+    epochs_a = [(r["val_loss"], r["val_bleu4"], r["val_cider_d"]) for r in log_a if r["type"] == "epoch"]
+    epochs_b = [(r["val_loss"], r["val_bleu4"], r["val_cider_d"]) for r in log_b if r["type"] == "epoch"]
     assert len(epochs_a) == 2 and sum(epochs_b, ()) == pytest.approx(sum(epochs_a, ()), rel=1e-6)
     final_a = safe_torch_load(str(tmp_path / "a" / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
     final_b = safe_torch_load(str(tmp_path / "b" / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
@@ -273,3 +273,13 @@ def test_a_non_finite_loss_never_reaches_the_weights_without_a_host_check(small_
 def test_the_decoder_attends_with_sdpa(small_decoder_dir):
     model, _ = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
     assert model.decoder.config._attn_implementation == "sdpa"  # flash / memory-efficient kernels on a GPU
+
+
+def test_cider_d_can_pick_the_best_epoch(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+    run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
+                         "--select-by", "cider_d", "--max-epochs", "3"))
+    epochs = [r for r in read_log(tmp_path / "out") if r["type"] == "epoch"]
+    kept = max(epochs, key=lambda r: (r["val_cider_d"], -r["val_loss"]))
+    metadata = safe_torch_load(str(tmp_path / "out" / "model.pt"), "captioner-model")["metadata"]
+    assert metadata["epoch"] == kept["epoch"] and metadata["val_cider_d"] == kept["val_cider_d"]
+    assert [r["best"] for r in epochs].count(True) >= 1
