@@ -12,7 +12,8 @@ import pytest
 from evaluate import bleu4_coco, coco_metrics, coco_tokenize, meteor_scorer
 
 COCO_MINI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini", "dataset_coco.json")
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer and METEOR need java")
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="pycocoevalcap's tokenizer and METEOR need java")
 
 
 def coco_mini_captions(splits=("train", "restval", "val", "test")):
