@@ -367,5 +367,7 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
         main(args)
-    except (ArchiveError, FileNotFoundError, ValueError) as e:
+    except (ArchiveError, OSError, ValueError) as e:  # OSError: a full disk, a read-only --out-dir
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted; an embedding resumes where it stopped") from None
