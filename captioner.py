@@ -2,16 +2,13 @@
 An image captioner: a frozen vision backbone turns each image into a few image tokens, and a GPT-2-family
 decoder writes the caption while cross-attending to them.
 
-This file holds everything a user needs to run a trained model, in the order a reader meets it:
-  - the caption model (projection of image tokens + a GPT-2 decoder with cross-attention) and its loss,
-  - decoding: a hand-written batched beam search that uses the decoder's KV cache,
-  - the model archive (save/load of plain data only),
-  - vision backbones (EfficientNet-Lite0, CLIP, BLIP) and image loading,
-  - the inference API (`Captioner`) and a command line:
+In reading order: the caption model and its loss, a batched beam search on the decoder's KV cache, the
+model archive (plain data only), the vision backbones (EfficientNet-Lite0, CLIP, BLIP), image loading,
+the inference API (`Captioner`) and a command line:
 
     python captioner.py --checkpoint out/model.pt --beam-size 3 a.jpg b.jpg
 
-data.py, evaluate.py and train.py import the model from here; it is defined nowhere else.
+The model is defined here and nowhere else; data.py, evaluate.py and train.py import it.
 """
 
 import argparse
@@ -58,9 +55,10 @@ class CaptionerConfig:
         return 1 + self.image_grid ** 2
 
 
-# Short names the original used -> their current repositories on the Hugging Face hub.
+# Short names -> their repositories on the Hugging Face hub.
 LANGUAGE_MODELS = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/gpt2",
-                   "gpt2-medium": "openai-community/gpt2-medium", "gpt2-large": "openai-community/gpt2-large"}
+                   "gpt2-medium": "openai-community/gpt2-medium",
+                   "gpt2-large": "openai-community/gpt2-large"}
 
 
 class CaptionModel(nn.Module):
@@ -76,7 +74,10 @@ class CaptionModel(nn.Module):
         if not decoder.config.add_cross_attention:
             raise ValueError("the decoder must be built with add_cross_attention=True")
         self.decoder = decoder
-        self.cache_argument = _cache_argument(decoder)
+        # transformers 5.24 renamed decoding's `past_key_values` argument to `cache` (the old name warns
+        # until 5.40); GPU machines run 5.17, which knows only the old name
+        parameters = inspect.signature(type(decoder).forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         width = decoder.config.n_embd
         self.image_projection = nn.Linear(config.image_width, width)
         # a learned embedding per image-token slot, so the decoder can tell the global token from each
@@ -98,11 +99,10 @@ class CaptionModel(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, label_positions=None, labels=None):
         """Teacher forcing: image_tokens (B, K, D), input_ids (B, T) right-padded -> (logits (B, T, V), None).
-        With labels: the caption tokens to predict, labels (N,) at label_positions (N,), flat indices into
-        the B*T positions (padding has none) -> (logits (N, V), summed cross-entropy of the N tokens in fp32).
-        Summed, not averaged: the training loop divides by the tokens of the whole optimizer step.
-        With a 50k vocabulary the output layer is most of the cost, so only labelled positions reach it;
-        indices (made on the CPU by the caller, rather than a mask here) keep a GPU from waiting to learn N.
+        With labels (N,) at label_positions (N,), flat indices into the B*T positions (padding has none)
+        -> (logits (N, V), cross-entropy summed over the N tokens in fp32; the training loop divides it by
+        the tokens of the whole optimizer step). Only labelled positions reach the 50k-wide output layer,
+        most of the cost; indices made on the CPU by the caller keep a GPU from waiting to learn N.
         Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
         memory = self.encode_images(image_tokens)
         hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
@@ -117,7 +117,7 @@ class CaptionModel(nn.Module):
         -> logits (N, V) for the next token, and the updated cache."""
         output = self.decoder(input_ids=input_ids, encoder_hidden_states=memory,
                               use_cache=True, **{self.cache_argument: cache})
-        # transformers 5.24 calls the output field `cache` too; earlier releases `past_key_values`
+        # the output field is `cache` from transformers 5.24 on, `past_key_values` before
         return output.logits[:, -1], output["cache"] if "cache" in output else output["past_key_values"]
 
 
@@ -125,13 +125,6 @@ def labelled_positions(labels):
     """labels (B, T) -> flat indices (N,) of the positions with a label, and those labels (N,)."""
     positions = (labels.flatten() != -100).nonzero().squeeze(1)
     return positions, labels.flatten()[positions]
-
-
-def _cache_argument(decoder) -> str:
-    # transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still works, with a
-    # warning, until 5.40); GPU machines run 5.17, which knows only the old name.
-    parameters = inspect.signature(type(decoder).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
@@ -144,8 +137,9 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
     try:
         model_type = AutoConfig.from_pretrained(source).model_type
     except OSError as e:  # not a folder with a config.json, and not reachable on the hub
-        raise ValueError(f"{language_model}: cannot load this language model: neither a local folder with a "
-                         f"saved model nor reachable on the Hugging Face hub ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{language_model}: cannot load this language model: neither a local folder with "
+                         f"a saved model nor reachable on the Hugging Face hub "
+                         f"({str(e).splitlines()[0][:200]})") from None
     if model_type != "gpt2":
         raise ValueError(f"{language_model}: a GPT-2-family model is needed, got model type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -157,8 +151,8 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
         decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} cross-attention "
-          f"layers start from random weights")
+    print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} "
+          f"cross-attention layers start from random weights")
     decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
     config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
                              decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
@@ -187,7 +181,7 @@ def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int 
         raise ValueError(f"beam_size and max_length must be at least 1, not {beam_size} and {max_length}")
     device = image_tokens.device
     B, W, L, eos = image_tokens.shape[0], beam_size, max_length, model.eos_token_id
-    memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams of an image adjacent
+    memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams adjacent
 
     generated = torch.zeros(B * W, 0, dtype=torch.long, device=device)  # live beams' tokens so far
     next_input = torch.full((B * W, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
@@ -243,25 +237,73 @@ def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int 
     return best_ids[:, : int(lengths.max())], best_scores
 
 
+def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per_image: int = 1,
+                    max_length: int = 30, temperature: float = 1.0, generator: torch.Generator | None = None):
+    """Batched sampling (for self-critical training): S = samples_per_image captions per image, all images x S
+    rows through the decoder as one batch per step, with its KV cache. It runs WITH autograd, since SCST
+    needs the gradient of the log-probabilities; wrap it in torch.no_grad() to sample only.
+
+    image_tokens: (B, K, D) backbone tokens.
+    max_length: the most tokens a caption may have, its EOS included. A caption still running at the last
+    position gets EOS there without a draw, so that EOS adds 0 to its log-probability.
+    temperature: tokens are drawn from softmax(logits / temperature), and the log-probabilities returned are
+    of that tempered distribution: the one sampled from, which is what the policy gradient needs.
+    generator: a CPU torch.Generator, or None for the global one. All randomness is drawn up front: one
+    uniform per row and position, (B*S, max_length) in float64, row after row (the CPU generator fills a
+    tensor element by element); a row picks its token by inverse CDF. So a row's caption depends on its
+    image and its own uniforms only: B images in one call give what B calls of one image each give with the
+    same generator, in order, and the draws are the same on every device.
+    Returns ids (B*S, L) int64 (row b*S + s is sample s of image b; each row ends with EOS and is padded with
+    EOS; L <= max_length) and logprobs (B*S,) float32: each caption's summed token log-probabilities, EOS
+    included (finished rows add 0), differentiable. Does not change the model's train/eval mode.
+    """
+    if samples_per_image < 1 or max_length < 1 or not temperature > 0:
+        raise ValueError(f"samples_per_image and max_length must be at least 1 and temperature > 0, not "
+                         f"{samples_per_image}, {max_length} and {temperature}")
+    device = image_tokens.device
+    N, L, eos = image_tokens.shape[0] * samples_per_image, max_length, model.eos_token_id
+    uniforms = torch.rand(N, L, generator=generator, dtype=torch.float64).to(device)  # (N, L)
+    memory = model.encode_images(image_tokens).repeat_interleave(samples_per_image, dim=0)  # (N, K, C)
+    next_input = torch.full((N, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, logprobs, cache = [], [], None
+    for step in range(L - 1):  # the last position may only hold EOS: nothing to draw there
+        logits, cache = model.decode_step(next_input, memory, cache)
+        step_logprobs = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
+        # float64, so that rounding in a 50k-term running sum does not move the tokens' boundaries
+        cdf = step_logprobs.detach().double().exp().cumsum(dim=-1)  # (N, V)
+        token = torch.searchsorted(cdf, uniforms[:, step:step + 1] * cdf[:, -1:], right=True)  # (N, 1)
+        token = torch.where(done, eos, token.squeeze(1).clamp(max=cdf.shape[1] - 1))  # done rows: EOS...
+        logprobs.append(torch.where(done, 0.0, step_logprobs.gather(1, token[:, None]).squeeze(1)))  # at +0
+        tokens.append(token)
+        done = done | (token == eos)
+        if bool(done.all()):  # one host sync per step, to stop once every caption has ended
+            break
+        next_input = token[:, None]
+    if not bool(done.all()):
+        tokens.append(torch.full((N,), eos, dtype=torch.long, device=device))
+    ids = torch.stack(tokens, dim=1)  # (N, L') with L' <= L
+    summed = torch.stack(logprobs, dim=1).sum(dim=1) if logprobs else torch.zeros(N, device=device)
+    return ids, summed
+
+
 def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
     """ids (B, L) from beam_search -> one caption per row, cut at the first EOS."""
-    texts = []
     eos = tokenizer.eos_token_id
-    for row in ids.tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    rows = [row[: row.index(eos)] if eos in row else row for row in ids.tolist()]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 @torch.no_grad()
-def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, device="cpu", batch_size: int = 128,
-                         max_length: int = 30, length_penalty: float = 1.0) -> list[str]:
+def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, device="cpu",
+                         batch_size: int = 128, max_length: int = 30,
+                         length_penalty: float = 1.0) -> list[str]:
     """image_tokens (N, K, D), an array or memmap, in order -> N captions, decoded in batches in the given
     order (no shuffling). The caller sets model.eval()."""
     captions = []
     for start in range(0, len(image_tokens), batch_size):
-        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size])).to(device)  # (b, K, D), a copy
-        ids, _ = beam_search(model, batch, beam_size, max_length, length_penalty)
+        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size]))  # (b, K, D), a copy
+        ids, _ = beam_search(model, batch.to(device), beam_size, max_length, length_penalty)
         captions.extend(ids_to_text(tokenizer, ids))
     return captions
 
@@ -283,7 +325,9 @@ def atomic_write(path: str, write):
     # named after its target, so that whoever holds the target's lock can remove what a killed writer left
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared results or cache folder needs the umask
+        mask = os.umask(0o022)  # the only way to read the umask is to set it; put it back at once
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a shared results or cache folder needs the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -297,6 +341,10 @@ def atomic_write(path: str, write):
 
 def atomic_write_text(path: str, text: str):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj, path: str):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class LockedError(RuntimeError):
@@ -333,12 +381,6 @@ def remove_orphans(folder: str, name: str = ""):
             os.remove(path)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
-    os.umask(mask)
-    return mask
-
-
 def cpu_state_dict(module: nn.Module) -> dict:
     """module.state_dict() on the CPU, tied tensors kept tied: GPT-2's lm_head and wte are one tensor, which
     .cpu() per key would copy twice off a GPU (and torch.save would then store twice)."""
@@ -352,27 +394,23 @@ def cpu_state_dict(module: nn.Module) -> dict:
     return state
 
 
-def atomic_torch_save(obj, path: str):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def safe_torch_load(path: str, expected_format: str, expected_version: int = ARCHIVE_VERSION) -> dict:
     """torch.load(weights_only=True) with errors that name the file and the problem."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+    unreadable = f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # the safe unpickler names the class or function it refused ("Unsupported global: GLOBAL x.y")
         refused = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
         if "Weights only load failed" not in str(e) or refused is None:
-            raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign)") from None
-        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects ({refused.group(0)}), "
-                           f"which could run arbitrary code. Only plain-data files written by this project are "
-                           f"accepted; nothing in the file was executed.") from None
-    except Exception as e:  # torch raises many kinds on damaged input (RuntimeError, EOFError, KeyError, ...)
-        raise ArchiveError(f"{path}: not a readable PyTorch file (truncated, corrupt or foreign): "
-                           f"{type(e).__name__}: {str(e)[:200]}") from None
+            raise ArchiveError(unreadable) from None
+        raise ArchiveError(f"{path}: refused to load: the file needs pickled Python objects "
+                           f"({refused[0]}), which could run arbitrary code. Only plain-data files from this "
+                           f"project are accepted; nothing in the file was executed.") from None
+    except Exception as e:  # damaged input raises many kinds (RuntimeError, EOFError, KeyError, ...)
+        raise ArchiveError(f"{unreadable}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ArchiveError(f"{path}: not a {expected_format} file (found {found!r})")
@@ -395,14 +433,9 @@ def tokenizer_from_data(data: dict):
 
 def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
     """Write the model archive: weights, config, tokenizer and preprocessing, all plain data."""
-    archive = {
-        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
-        "config": asdict(model.config),
-        "state_dict": cpu_state_dict(model),
-        "tokenizer": tokenizer_to_data(tokenizer),
-        "preprocessing": preprocessing,
-        "metadata": metadata or {},
-    }
+    archive = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "config": asdict(model.config),
+               "state_dict": cpu_state_dict(model), "tokenizer": tokenizer_to_data(tokenizer),
+               "preprocessing": preprocessing, "metadata": metadata or {}}
     atomic_torch_save(archive, path)
 
 
@@ -411,7 +444,7 @@ def load_model(path: str):
     archive = safe_torch_load(path, ARCHIVE_FORMAT)
     try:
         config = CaptionerConfig(**archive["config"])
-        with torch.device("meta"):  # shapes only, no memory: a config that asks for a huge model costs nothing
+        with torch.device("meta"):  # shapes only: a config that asks for a huge model costs no memory
             shapes = {k: tuple(v.shape) for k, v in CaptionModel(config).state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in archive["state_dict"].items()}
         if shapes != stored:
@@ -427,8 +460,8 @@ def load_model(path: str):
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- vision backbones ----
-# A backbone maps pixels (B, 3, H, W) to a global embedding (B, D) and a patch grid (B, D, h, w). It is frozen:
-# only ever run under no_grad to produce image tokens, which train.py caches on disk.
+# A backbone maps pixels (B, 3, H, W) to a global embedding (B, D) and a patch grid (B, D, h, w). It is
+# frozen: only ever run under no_grad to produce image tokens, which data.py caches on disk.
 
 CLIP_MODELS = {
     "ViT-B/32": "openai/clip-vit-base-patch32",
@@ -436,14 +469,15 @@ CLIP_MODELS = {
     "ViT-L/14": "openai/clip-vit-large-patch14",
     "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
 }
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # BLIP uses them too
+# CLIP's pixel normalisation; BLIP uses it too
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 # The checkpoint that LAVIS's load_model_and_preprocess("blip_feature_extractor", "base") loads (its
 # configs/models/blip_feature_extractor_base.yaml): BLIP ViT-B/16 pretrained on 129M images with CapFilt-L.
-BLIP_CHECKPOINTS = {
-    "blip:base": "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_capfilt_large.pth",
-}
+BLIP_CHECKPOINTS = {"blip:base": "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+                                 "model_base_capfilt_large.pth"}
 # Backbones that arrive in a later release; named so the error can say so.
-PLANNED_BACKBONES = {"blip:coco": "BLIP ViT-B/16 fine-tuned for COCO retrieval (384 px) is not implemented yet"}
+PLANNED_BACKBONES = {"blip:coco": "BLIP ViT-B/16 fine-tuned for COCO retrieval (384 px) is not "
+                                   "implemented yet"}
 
 
 def available_backbones() -> list[str]:
@@ -461,7 +495,6 @@ def check_backbone_name(name: str) -> str:
     if name in PLANNED_BACKBONES:
         raise ValueError(f"{name}: {PLANNED_BACKBONES[name]}; available backbones: {available}")
     raise ValueError(f"unknown vision backbone {name!r}; available backbones: {available}")
-
 
 
 class VisionBackbone(nn.Module):
@@ -489,6 +522,12 @@ class VisionBackbone(nn.Module):
             tokens.append(pooled.flatten(2).transpose(1, 2).to(global_embedding.dtype))  # (B, grid*grid, D)
         return torch.cat(tokens, dim=1)
 
+    @staticmethod
+    def patch_grid(patches: torch.Tensor) -> torch.Tensor:
+        """A ViT's square grid of patch tokens (B, h*w, D), row-major -> (B, D, h, w)."""
+        B, hw, D = patches.shape
+        return patches.transpose(1, 2).reshape(B, D, math.isqrt(hw), math.isqrt(hw))
+
 
 class EfficientNetLite0(VisionBackbone):
     """ImageNet-pretrained EfficientNet-Lite0 (Apache-2.0) from the PyPI packages
@@ -512,7 +551,7 @@ class EfficientNetLite0(VisionBackbone):
         self.preprocessing = {"size": 224, "resize": "squash", "mean": [0.498] * 3, "std": [0.502] * 3}
 
     def features(self, pixels):
-        grid = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))  # (B, 1280, 7, 7)
+        grid = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))  # (B, D, 7, 7)
         return grid.mean(dim=(2, 3)), grid
 
 
@@ -527,12 +566,12 @@ class CLIPBackbone(VisionBackbone):
         try:
             self.vision = CLIPVisionModel.from_pretrained(CLIP_MODELS.get(source, source)).eval()
         except OSError as e:
-            raise ValueError(f"{name}: cannot load this CLIP model: neither a local folder with a saved model nor "
-                             f"reachable on the Hugging Face hub ({str(e).splitlines()[0][:200]})") from None
+            raise ValueError(f"{name}: cannot load this CLIP model: neither a local folder with a saved "
+                             f"model nor reachable on the Hugging Face hub "
+                             f"({str(e).splitlines()[0][:200]})") from None
         self.vision.requires_grad_(False)
         config = self.vision.config
         self.name, self.width = name, config.hidden_size
-        self.patches_per_side = config.image_size // config.patch_size
         self.preprocessing = {"size": config.image_size, "resize": "shorter_side_then_center_crop",
                               "mean": CLIP_MEAN, "std": CLIP_STD}
 
@@ -541,9 +580,7 @@ class CLIPBackbone(VisionBackbone):
         # transformers 5.24 dropped the inner `vision_model` wrapper; earlier releases have it
         post_layernorm = getattr(self.vision, "vision_model", self.vision).post_layernorm
         patches = post_layernorm(output.last_hidden_state[:, 1:])  # (B, h*w, D)
-        B, _, D = patches.shape
-        side = self.patches_per_side
-        return output.pooler_output, patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D, h, w)
+        return output.pooler_output, self.patch_grid(patches)  # (B, D), (B, D, h, w)
 
 
 class BLIPBackbone(VisionBackbone):
@@ -557,21 +594,16 @@ class BLIPBackbone(VisionBackbone):
         self.vision = load_blip_vision(checkpoint or BLIP_CHECKPOINTS[name], num_heads)
         config = self.vision.config
         self.name, self.width = name, config.hidden_size
-        self.patches_per_side = config.image_size // config.patch_size
-        # LAVIS's blip_image_eval: Resize((size, size), BICUBIC) on the PIL image (no crop), then CLIP's mean/std
-        self.preprocessing = {"size": config.image_size, "resize": "squash", "mean": CLIP_MEAN, "std": CLIP_STD}
+        # LAVIS's blip_image_eval: Resize((size, size), BICUBIC) on the PIL image (no crop), CLIP's mean/std
+        self.preprocessing = {"size": config.image_size, "resize": "squash", "mean": CLIP_MEAN,
+                              "std": CLIP_STD}
 
     def features(self, pixels):
         hidden = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + h*w, D), after post_layernorm
         # not pooler_output: BlipVisionModel applies post_layernorm to the CLS token a second time there
-        patches = hidden[:, 1:]  # (B, h*w, D)
-        B, _, D = patches.shape
-        side = self.patches_per_side
-        return hidden[:, 0], patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D), (B, D, h, w)
+        return hidden[:, 0], self.patch_grid(hidden[:, 1:])  # (B, D), (B, D, h, w)
 
 
-# Python types a BLIP/LAVIS checkpoint may pickle next to its tensors (their training scripts store the run's
-# settings in it). Rebuilding these runs no code from the file; anything else is refused.
 def embedding_precision(device, precision: str) -> str:
     """What a backbone really runs in: "16" or "bf16" autocast on CUDA; fp32 ("32") elsewhere."""
     if precision not in ("32", "16", "bf16"):
@@ -583,7 +615,8 @@ def autocast(device, precision: str):
     """The autocast context for --precision "16" (fp16), "bf16" or "32" (none) on `device`."""
     if precision == "32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.float16 if precision == "16" else torch.bfloat16)
+    dtype = torch.float16 if precision == "16" else torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def load_backbone(name: str) -> VisionBackbone:
@@ -607,8 +640,8 @@ BLIP_CHECKPOINT_GLOBALS = [argparse.Namespace]
 def load_blip_vision(checkpoint_path_or_url: str, num_heads: int | None = None):
     """A BLIP checkpoint in LAVIS's layout ({"model": {"visual_encoder.<timm ViT key>": tensor, ...}}), as a
     local path or a URL (downloaded once into torch.hub's cache, where LAVIS keeps it too) -> its ViT as a
-    frozen transformers BlipVisionModel in eval mode. The sizes come from the tensors; the head count is not in
-    them and defaults to width // 64 (BLIP's ViT-B: 12 heads, ViT-L: 16)."""
+    frozen transformers BlipVisionModel in eval mode. The sizes come from the tensors; the head count is not
+    in them and defaults to width // 64 (BLIP's ViT-B: 12 heads, ViT-L: 16)."""
     source = checkpoint_path_or_url
     path = _download_cached(source) if source.startswith(("http://", "https://")) else source
     if not os.path.isfile(path):
@@ -630,9 +663,7 @@ def _download_cached(url: str) -> str:
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
         print(f"downloading {url} to {path}")
-        # writes a .partial file next to `path` and renames it when complete: an interrupted download leaves
-        # nothing under the final name
-        try:
+        try:  # via a .partial file renamed when complete: an interrupted download leaves no `path`
             torch.hub.download_url_to_file(url, path, progress=True)
         except OSError as e:  # URLError included: no network, or the server is not there
             raise ValueError(f"{url}: cannot download ({getattr(e, 'reason', e)}); without network, fetch it "
@@ -645,22 +676,25 @@ def _load_blip_checkpoint(path: str):
     with torch.serialization.safe_globals(BLIP_CHECKPOINT_GLOBALS):
         try:
             refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except ValueError:  # the legacy (pre-zip) format cannot be inspected; torch.load still refuses globals
+        except ValueError:  # the legacy (pre-zip) format cannot be inspected; torch.load still refuses them
             refused = []
         except Exception as e:  # a zip cut short (an interrupted download) fails here, with a RuntimeError
-            raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:120]}); an interrupted "
-                             f"download? Delete the file to download it again") from None
+            raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:120]}); an "
+                             f"interrupted download? Delete the file to download it again") from None
         if refused:
-            raise ValueError(f"{path}: refused to load: the file needs pickled Python objects ({', '.join(refused)}) "
-                             f"that could run arbitrary code; nothing in the file was executed")
+            raise ValueError(f"{path}: refused to load: the file needs pickled Python objects "
+                             f"({', '.join(refused)}) that could run arbitrary code; nothing in the file was "
+                             f"executed")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # damaged or foreign files raise many kinds
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: {str(e)[:200]}") from None
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: "
+                             f"{str(e)[:200]}") from None
 
 
 def blip_key_map(depth: int) -> dict[str, str]:
-    """LAVIS VisionTransformer (timm ViT) state-dict key -> transformers BlipVisionModel key, for `depth` blocks."""
+    """LAVIS VisionTransformer (timm ViT) state-dict key -> transformers BlipVisionModel key, for `depth`
+    blocks."""
     keys = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
@@ -676,23 +710,24 @@ def blip_key_map(depth: int) -> dict[str, str]:
 
 def _blip_vision_from_lavis_state(state: dict, path: str, num_heads: int | None):
     from transformers import BlipVisionConfig, BlipVisionModel
-    depth = 1 + max((int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))), default=0)
+    blocks = [int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))]
+    depth = 1 + max(blocks, default=0)
     key_map = blip_key_map(depth)
     missing, unexpected = sorted(set(key_map) - set(state)), sorted(set(state) - set(key_map))
     if missing or unexpected:
         def listed(keys):
             return ", ".join(f"visual_encoder.{key}" for key in keys[:6]) + (" ..." if len(keys) > 6 else "")
-        raise ValueError(f"{path}: not the BLIP ViT this code reads: {len(missing)} missing keys ({listed(missing)}), "
-                         f"{len(unexpected)} unexpected ({listed(unexpected)})")
+        raise ValueError(f"{path}: not the BLIP ViT this code reads: {len(missing)} missing keys "
+                         f"({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)})")
     width, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
-    # pos_embed (1, 1 + side*side, D) fixes the image size. LAVIS interpolates it only when that differs from its
-    # configured size; blip:base's checkpoint has 196 patches at 224 px, as LAVIS runs it, so none is needed
+    # pos_embed (1, 1 + side*side, D) fixes the image size. LAVIS interpolates it only when that differs
+    # from its configured size; blip:base's checkpoint has 196 patches at 224 px, as LAVIS runs it
     side = math.isqrt(state["pos_embed"].shape[1] - 1)
     config = BlipVisionConfig(hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
                               num_hidden_layers=depth, num_attention_heads=num_heads or width // 64,
                               image_size=side * patch, patch_size=patch,
                               hidden_act="gelu",  # exact GELU, as timm's nn.GELU
-                              layer_norm_eps=1e-6)  # timm's ViT as BLIP builds it; transformers' default is 1e-5
+                              layer_norm_eps=1e-6)  # as BLIP builds timm's ViT; transformers' default: 1e-5
     model = BlipVisionModel(config)
     for module in model.modules():
         # transformers 4.26 (the release LAVIS pins) ignores config.layer_norm_eps in BLIP's vision layers
@@ -730,8 +765,7 @@ def load_image(image) -> Image.Image:
             opened.load()
             return _to_rgb(_upright(opened))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{getattr(source, 'name', source) if hasattr(source, 'read') else source}: "
-                         f"cannot read this image ({e})") from e
+        raise ValueError(f"{getattr(source, 'name', source)}: cannot read this image ({e})") from e
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -780,7 +814,6 @@ def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # ---- inference API ----
 
@@ -793,7 +826,8 @@ class Captioner(nn.Module):
         tokens = cap.encode([img1, img2])        # (B, K, D) image tokens, what beam_search takes
     """
 
-    def __init__(self, backbone: VisionBackbone, model: CaptionModel, tokenizer, embedding_precision: str = "32"):
+    def __init__(self, backbone: VisionBackbone, model: CaptionModel, tokenizer,
+                 embedding_precision: str = "32"):
         super().__init__()
         self.backbone, self.model, self.tokenizer = backbone, model, tokenizer
         # the backbone runs as it did for the training images ("16": fp16 autocast on CUDA; fp32 elsewhere)
@@ -871,9 +905,9 @@ def main(args):
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 unreadable += 1
-        if images:
-            for path, caption in zip(paths, captioner(images, args.beam_size, args.max_length, args.length_penalty)):
-                print(f"{path}\t{caption}", flush=True)
+        captions = captioner(images, args.beam_size, args.max_length, args.length_penalty) if images else []
+        for path, caption in zip(paths, captions):
+            print(f"{path}\t{caption}", flush=True)
     if unreadable:
         raise SystemExit(f"error: {unreadable} of {len(args.images)} images could not be read")
 
