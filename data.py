@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from captioner import (atomic_write, atomic_write_text, autocast, embedding_precision, file_lock, load_backbone,
-                       preprocess_image, remove_orphans)
+from captioner import (atomic_write, atomic_write_text, autocast, embedding_precision, file_lock,
+                       load_backbone, preprocess_image, remove_orphans)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- COCO download ----
@@ -41,16 +41,17 @@ from captioner import (atomic_write, atomic_write_text, autocast, embedding_prec
 # the entries at a local server.
 
 COCO_DOWNLOADS = {
-    "caption_datasets.zip": {"url": "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
-                             "size": 36_745_453,
-                             "sha256": "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817"},
+    "caption_datasets.zip": {
+        "url": "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+        "size": 36_745_453, "sha256": "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817"},
     "train2014.zip": {"url": "http://images.cocodataset.org/zips/train2014.zip", "size": 13_510_573_713,
                       "sha256": "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"},
     "val2014.zip": {"url": "http://images.cocodataset.org/zips/val2014.zip", "size": 6_645_013_297,
                     "sha256": "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"},
 }
-COCO_IMAGE_FOLDERS = ("train2014", "val2014")  # Karpathy's "filepath"s; train2014.zip holds train2014/<filename>
+COCO_IMAGE_FOLDERS = ("train2014", "val2014")  # Karpathy's "filepath"s; X.zip holds X/<filename>
 DOWNLOAD_ATTEMPTS = 3  # connections per file and run, each resuming where the last one stopped
+BYTES_BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}  # tqdm settings for a progress in bytes
 
 
 class DownloadError(RuntimeError):
@@ -60,24 +61,27 @@ class DownloadError(RuntimeError):
 def prepare_coco(data_dir: str):
     """Download into data_dir what it lacks of COCO's Karpathy split: dataset_coco.json (from
     caption_datasets.zip) if it is missing, and train2014.zip / val2014.zip for those of the two folders that
-    dataset_coco.json names and that are there neither as a folder nor zipped. On several processes, call it on
-    one and let the others wait."""
+    dataset_coco.json names and that are there neither as a folder nor zipped. On several processes, call it
+    on one and let the others wait."""
     json_path = os.path.join(data_dir, "dataset_coco.json")
     absent = [folder for folder in COCO_IMAGE_FOLDERS if not os.path.isdir(os.path.join(data_dir, folder))
               and not os.path.isfile(os.path.join(data_dir, folder + ".zip"))]
     if os.path.isfile(json_path) and absent:
         absent = [folder for folder in absent if folder in _named_folders(json_path)]
-    names = ([] if os.path.isfile(json_path) else ["caption_datasets.zip"]) + [folder + ".zip" for folder in absent]
+    names = [] if os.path.isfile(json_path) else ["caption_datasets.zip"]
+    names += [folder + ".zip" for folder in absent]
     if not names:
         return
     to_fetch = [name for name in names if not os.path.isfile(os.path.join(data_dir, name))]
-    missing = sum(COCO_DOWNLOADS[name]["size"] - _part_size(os.path.join(data_dir, name)) for name in to_fetch)
+    missing = sum(COCO_DOWNLOADS[name]["size"] - _part_size(os.path.join(data_dir, name))
+                  for name in to_fetch)
     try:
         if to_fetch:
             os.makedirs(data_dir, exist_ok=True)
             free = shutil.disk_usage(data_dir).free
             if free < missing:
-                raise DownloadError(f"{data_dir}: {missing / 1e9:.1f} GB to download, {free / 1e9:.1f} GB free")
+                raise DownloadError(f"{data_dir}: {missing / 1e9:.1f} GB to download, "
+                                    f"{free / 1e9:.1f} GB free")
             print(f"downloading COCO's Karpathy split into {data_dir} ({missing / 1e9:.1f} GB; --no-download "
                   f"skips this): {', '.join(to_fetch)}")
         for name in to_fetch:
@@ -111,13 +115,14 @@ def _manual_steps(data_dir: str, names: list[str]) -> str:
 
 
 def download_file(url: str, path: str, size: int, sha256: str, attempts: int = DOWNLOAD_ATTEMPTS) -> str:
-    """Fetch url into path, with a progress bar. Bytes go to path + ".part", which the next connection (or run)
-    continues with an HTTP Range request, or restarts if the server ignores it. The whole file must have the
-    published size and SHA-256 before it is renamed to path; a corrupt one is deleted. -> path"""
+    """Fetch url into path, with a progress bar. Bytes go to path + ".part", which the next connection (or
+    run) continues with an HTTP Range request, or restarts if the server ignores it. The whole file must have
+    the published size and SHA-256 before it is renamed to path; a corrupt one is deleted. -> path"""
     if os.path.isfile(path):
         if os.path.getsize(path) != size:
-            raise DownloadError(f"{path}: {os.path.getsize(path)} bytes, but the published file has {size}; an "
-                                f"incomplete copy? Delete it, or rename it to {os.path.basename(path)}.part to resume")
+            raise DownloadError(f"{path}: {os.path.getsize(path)} bytes, but the published file has {size}; "
+                                f"an incomplete copy? Delete it, or rename it to "
+                                f"{os.path.basename(path)}.part to resume")
         return path
     part = path + ".part"
     for attempt in range(attempts):
@@ -137,7 +142,8 @@ def download_file(url: str, path: str, size: int, sha256: str, attempts: int = D
             break  # a failed reconnection: the file stays resumable from .part
     have = _part_size(path)
     if have != size:
-        raise DownloadError(f"{url}: the transfer stopped at {have:,} of {size:,} bytes; run again to resume {part}")
+        raise DownloadError(f"{url}: the transfer stopped at {have:,} of {size:,} bytes; run again to resume "
+                            f"{part}")
     digest = _sha256(part)
     if digest != sha256:
         os.remove(part)  # its bytes are wrong somewhere: resuming cannot repair it
@@ -165,11 +171,10 @@ def _fetch(url: str, part: str, have: int, size: int):
                                 f"{response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
         if length is not None and have + int(length) != size:
-            raise DownloadError(f"{url}: the server's file has {have + int(length):,} bytes, the published one "
-                                f"{size:,}; has it changed? (see COCO_DOWNLOADS in data.py)")
-        with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=os.path.basename(part)[:-len(".part")]) as bar:
+            raise DownloadError(f"{url}: the server's file has {have + int(length):,} bytes, the published "
+                                f"one {size:,}; has it changed? (see COCO_DOWNLOADS in data.py)")
+        bar = tqdm(total=size, initial=have, desc=os.path.basename(part)[:-len(".part")], **BYTES_BAR)
+        with open(part, "ab" if have else "wb") as f, bar:
             while True:
                 try:
                     chunk = response.read(1 << 20)
@@ -183,8 +188,8 @@ def _fetch(url: str, part: str, have: int, size: int):
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"checking {os.path.basename(path)}", leave=False) as bar:
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), desc=f"checking {os.path.basename(path)}",
+                                     leave=False, **BYTES_BAR) as bar:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -201,7 +206,8 @@ def _extract_member(zip_path: str, name: str, target: str):
             with archive.open(members[0]) as source:
                 atomic_write(target, lambda f: shutil.copyfileobj(source, f, 1 << 20))
     except (zipfile.BadZipFile, OSError) as e:
-        raise DownloadError(f"{zip_path}: cannot extract {name} ({e}); delete the file and run again") from None
+        raise DownloadError(f"{zip_path}: cannot extract {name} ({e}); "
+                            f"delete the file and run again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,8 +266,8 @@ def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
                 continue
             folder, filename = image.get("filepath", ""), image["filename"]
             if not _inside(data_dir, folder, filename):
-                raise ValueError(f"{path}: images[{i}] names {os.path.join(folder, filename)!r}, which is not "
-                                 f"inside {data_dir}; refusing to read it")
+                raise ValueError(f"{path}: images[{i}] names {os.path.join(folder, filename)!r}, which is "
+                                 f"not inside {data_dir}; refusing to read it")
             captions = [s["raw"].strip() for s in image["sentences"]]
             empty += captions.count("")
             captions = [caption for caption in captions if caption]
@@ -301,29 +307,30 @@ def _inside(data_dir: str, folder: str, filename: str) -> bool:
 
 
 def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> ImageSource:
-    """`archives` caches each folder's zip directory: {folder: None (a folder) or (zip path, {member: (size,
-    crc)})}."""
+    """`archives` caches each folder's zip directory:
+    {folder: None (a folder) or (zip path, {member: (size, crc)})}."""
     directory = os.path.join(data_dir, folder)
     if folder not in archives:
         archives[folder] = None
         if not os.path.isdir(directory) and not os.path.isfile(directory + ".zip"):
-            raise FileNotFoundError(f"{directory}: no such folder, and no {os.path.basename(directory)}.zip beside "
-                                    f"it; {os.path.join(data_dir, 'dataset_coco.json')} names images there")
+            raise FileNotFoundError(f"{directory}: no such folder, and no {os.path.basename(directory)}.zip "
+                                    f"beside it; {os.path.join(data_dir, 'dataset_coco.json')} names "
+                                    f"images there")
         if not os.path.isdir(directory):
             try:
                 with zipfile.ZipFile(directory + ".zip") as archive:
                     members = {info.filename: (info.file_size, info.CRC) for info in archive.infolist()}
             except (zipfile.BadZipFile, OSError) as e:
-                raise ValueError(f"{directory}.zip: not a readable zip archive ({e}); an incomplete download? "
-                                 f"Delete it and run again") from None
+                raise ValueError(f"{directory}.zip: not a readable zip archive ({e}); an incomplete "
+                                 f"download? Delete it and run again") from None
             archives[folder] = (directory + ".zip", members)
     if archives[folder] is None:
         return ImageSource(os.path.join(folder, filename), os.path.join(directory, filename))
     zip_path, members = archives[folder]
     member = f"{folder}/{filename}"
     size, crc = members.get(member, (-1, -1))
-    return ImageSource(os.path.join(folder + ".zip", member), os.path.join(zip_path, member), zip_path, member,
-                       size, crc)
+    return ImageSource(os.path.join(folder + ".zip", member), os.path.join(zip_path, member), zip_path,
+                       member, size, crc)
 
 
 def tokenize_captions(tokenizer, items, max_tokens: int) -> list[list[list[int]]]:
@@ -344,9 +351,9 @@ IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zipfile.BadZipFile, 
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item i -> (i, pixels (3, S, S), error): its image decoded and preprocessed for a backbone (in DataLoader
-    workers). An image that cannot be read gives zero pixels and the error's text, so that one bad file among
-    100,000 is recorded instead of stopping the run."""
+    """Item i -> (i, pixels (3, S, S), error): its image decoded and preprocessed for a backbone (in
+    DataLoader workers). An image that cannot be read gives zero pixels and the error's text, so that one bad
+    file among 100,000 is recorded instead of stopping the run."""
 
     def __init__(self, items: list[SplitImage], preprocessing: dict):
         self.sources = [item.source for item in items]
@@ -360,8 +367,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return {**self.__dict__, "_archives": {}, "_pid": None}
 
     def _archive(self, zip_path):
-        # Each process opens its own handle, on first use: a ZipFile reads through one file position, so a handle
-        # inherited across fork and used by several workers at once would hand them each other's bytes.
+        # Each process opens its own handle, on first use: a ZipFile reads through one file position, so a
+        # handle inherited across fork and used by several workers at once would hand them each other's bytes.
         if self._pid != os.getpid():
             self._archives, self._pid = {}, os.getpid()
         if zip_path not in self._archives:
@@ -450,9 +457,9 @@ class TokenCache:
 
 def split_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", precision="32",
                        num_workers=2, batch_size=32, get_backbone=None, rank=0, world_size=1, barrier=None):
-    """The entry point: -> (items, tokens, meta) for the images of a split that could be read. tokens[i] (K, D)
-    float16 belongs to items[i]; the images that could not be read are left out, with a warning that names
-    the list of them (meta["unreadable_file"]). See cached_image_tokens for the arguments."""
+    """The entry point: -> (items, tokens, meta) for the images of a split that could be read. tokens[i]
+    (K, D) float16 belongs to items[i]; the images that could not be read are left out, with a warning that
+    names the list of them (meta["unreadable_file"]). See cached_image_tokens for the arguments."""
     tokens, meta = cached_image_tokens(items, split, backbone_name, grid, cache_dir, device, batch_size,
                                        num_workers, get_backbone, precision, rank, world_size, barrier)
     bad = meta["unreadable_images"]
@@ -465,28 +472,30 @@ def split_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu
 
 def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", batch_size=32,
                         num_workers=2, get_backbone=None, precision="32", rank=0, world_size=1, barrier=None):
-    """-> (tokens, meta): a read-only memmap (N, K, D) float16 of the split's image tokens, in item order, and
-    its description. meta["unreadable"] lists the rows whose image could not be read (zeros; why: in
+    """-> (tokens, meta): a read-only memmap (N, K, D) float16 of the split's image tokens, in item order,
+    and its description. meta["unreadable"] lists the rows whose image could not be read (zeros; why: in
     meta["unreadable_images"] and the file meta["unreadable_file"]).
 
     Built on first use, or resumed where an earlier build stopped. Only then is the backbone loaded
-    (`get_backbone()`, default: by name); it runs in `precision` ("32", "16" or "bf16": autocast on CUDA, fp32
-    elsewhere). Processes on one machine share the work when each calls this with its `rank` < `world_size`
-    and a `barrier` that waits for all of them: rank 0 loads the backbone first (a download happens once),
-    prepares the files, each rank embeds its share, rank 0 checks and publishes the cache, then all open it."""
+    (`get_backbone()`, default: by name); it runs in `precision` ("32", "16" or "bf16": autocast on CUDA,
+    fp32 elsewhere). Processes on one machine share the work when each calls this with its `rank` <
+    `world_size` and a `barrier` that waits for all of them: rank 0 loads the backbone first (a download
+    happens once), prepares the files, each rank embeds its share, rank 0 checks and publishes the cache,
+    then all open it."""
     barrier = barrier or (lambda: None)
-    cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, embedding_precision(device, precision))
+    precision = embedding_precision(device, precision)
+    cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, precision)
+    lock_path = cache.path(".lock")
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        os.close(os.open(cache.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666))  # a read-only folder fails here
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666))  # a read-only folder fails here
     except OSError as e:
         raise OSError(f"{cache_dir}: cannot write the embedding cache here ({e.strerror}); choose another "
                       f"--cache-dir") from None
-    lock = file_lock(cache.path(".lock"), f"the {split} embedding cache") if rank == 0 else contextlib.nullcontext()
+    lock = file_lock(lock_path, f"the {split} embedding cache") if rank == 0 else contextlib.nullcontext()
     with lock:  # a second run on the same cache waits, then reuses what the first one built
-        loaded = _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size,
-                                barrier)
-    tokens, meta = loaded
+        tokens, meta = _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank,
+                                      world_size, barrier)
     bad = meta["unreadable_images"]
     if len(bad) == len(items):
         raise ValueError(f"none of the {len(items)} {split} images could be read (the list: "
@@ -496,22 +505,23 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
 
 def _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size, barrier):
     loaded = load_token_cache(cache, say=rank == 0)
-    if loaded is None:
-        if rank != 0:
-            barrier()  # rank 0 fetches the backbone's weights first; then the others read them
-        backbone = (get_backbone() if get_backbone else load_backbone(cache.backbone)).to(device).eval()
-        if rank == 0:
-            barrier()
-            prepare_token_cache(cache, backbone.width)
-        barrier()  # the partial files exist before any rank opens them
-        embed_token_share(cache, items, backbone, device, batch_size, num_workers, rank, world_size)
-        barrier()  # every row is written before rank 0 checks them
-        if rank == 0:
-            publish_token_cache(cache, items, backbone.preprocessing)
+    if loaded is not None:
+        return loaded
+    if rank != 0:
+        barrier()  # rank 0 fetches the backbone's weights first; then the others read them
+    backbone = (get_backbone() if get_backbone else load_backbone(cache.backbone)).to(device).eval()
+    if rank == 0:
         barrier()
-        loaded = load_token_cache(cache)
-        if loaded is None:
-            raise RuntimeError(f"{cache.path('.npy')}: the embedding cache just built does not validate")
+        prepare_token_cache(cache, backbone.width)
+    barrier()  # the partial files exist before any rank opens them
+    embed_token_share(cache, items, backbone, device, batch_size, num_workers, rank, world_size)
+    barrier()  # every row is written before rank 0 checks them
+    if rank == 0:
+        publish_token_cache(cache, items, backbone.preprocessing)
+    barrier()
+    loaded = load_token_cache(cache)
+    if loaded is None:
+        raise RuntimeError(f"{cache.path('.npy')}: the embedding cache just built does not validate")
     return loaded
 
 
@@ -526,10 +536,11 @@ def load_token_cache(cache: TokenCache, say: bool = True):
             meta = json.load(f)
         tokens = np.load(npy_path, mmap_mode="r")
         rows = meta["unreadable"]
-        if meta["key"] == cache.key and tokens.dtype == np.float16 and list(tokens.shape) == meta["shape"] \
-                and meta.get("crc32") == _crc32(npy_path) \
-                and tokens.shape[:2] == (cache.images, 1 + cache.grid ** 2) and all(0 <= r < len(tokens) for r in rows) \
-                and rows == [image["row"] for image in meta["unreadable_images"]]:
+        if (meta["key"] == cache.key and tokens.dtype == np.float16 and list(tokens.shape) == meta["shape"]
+                and meta.get("crc32") == _crc32(npy_path)
+                and tokens.shape[:2] == (cache.images, 1 + cache.grid ** 2)
+                and all(0 <= r < len(tokens) for r in rows)
+                and rows == [image["row"] for image in meta["unreadable_images"]]):
             return tokens, meta
         reason = "does not match its description"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -540,45 +551,48 @@ def load_token_cache(cache: TokenCache, say: bool = True):
 
 
 def prepare_token_cache(cache: TokenCache, width: int):
-    """Rank 0, before any rank embeds: keep the partial files of a stopped build if they are intact (the build
-    resumes), else make them afresh: tokens (N, K, width) float16 zeros, done mask all TODO."""
+    """Rank 0, before any rank embeds: keep the partial files of a stopped build if they are intact (the
+    build resumes), else make them afresh: tokens (N, K, width) float16 zeros, done mask all TODO."""
     shape = [cache.images, 1 + cache.grid ** 2, width]
     description = {"key": cache.key, "shape": shape}
-    tokens_path, done_path, partial_meta = (cache.path(s) for s in (".partial.npy", ".partial-done.npy", ".partial.json"))
+    tokens_path, done_path = cache.path(".partial.npy"), cache.path(".partial-done.npy")
+    partial_meta = cache.path(".partial.json")
     if os.path.isfile(partial_meta):
         try:
             with open(partial_meta) as f:
                 same = json.load(f) == description
             tokens, done = np.load(tokens_path, mmap_mode="r"), np.load(done_path, mmap_mode="r")
-            if same and tokens.dtype == np.float16 and list(tokens.shape) == shape and done.dtype == np.uint8 \
-                    and done.shape == (cache.images,):
+            if (same and tokens.dtype == np.float16 and list(tokens.shape) == shape
+                    and done.dtype == np.uint8 and done.shape == (cache.images,)):
                 print(f"resuming the embedding of {cache.split} images: {int((done != TODO).sum())} of "
                       f"{cache.images} done")
                 return
-            print(f"{tokens_path}: a partial embedding cache that does not match its description; starting over")
+            print(f"{tokens_path}: a partial embedding cache that does not match its description; "
+                  f"starting over")
         except (OSError, ValueError) as e:
             print(f"{tokens_path}: a damaged partial embedding cache ({e}); starting over")
     # Remove the files before writing new ones: a stale STEM.npy must never meet a fresh STEM.json.
     remove_orphans(os.path.dirname(cache.stem), os.path.basename(cache.stem))  # what killed writers left
-    for path in [cache.path(s) for s in (".npy", ".json", ".unreadable.json", ".partial.json", ".partial.npy",
-                                          ".partial-done.npy")] + glob.glob(cache.path("*.tmp-*")) \
-            + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
+    stale = [cache.path(s) for s in (".npy", ".json", ".unreadable.json", ".partial.json", ".partial.npy",
+                                     ".partial-done.npy")]
+    stale += glob.glob(cache.path("*.tmp-*")) + glob.glob(cache.path(".partial-unreadable-*.jsonl"))
+    for path in stale:
         if os.path.exists(path):
             os.remove(path)
     os.makedirs(os.path.dirname(os.path.abspath(tokens_path)), exist_ok=True)
     for path, dtype, size in ((tokens_path, np.float16, shape), (done_path, np.uint8, [cache.images])):
         tmp_path = path + f".tmp-{os.getpid()}.npy"
-        np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=tuple(size)).flush()  # zeros, sparse
+        np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=tuple(size)).flush()  # sparse zeros
         os.replace(tmp_path, path)
     atomic_write_text(partial_meta, json.dumps(description))  # last: the partial files count once this exists
 
 
-def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_size=32, num_workers=2, rank=0,
-                      world_size=1, flush_seconds=10.0) -> int:
-    """Embed the rows of this rank's share, rows [N*rank//world_size, N*(rank+1)//world_size), that are TODO,
-    into the partial files. Rows are marked done only after their tokens are flushed to disk (at most every
-    `flush_seconds`, and when this stops for any reason), so a killed run redoes at most the last few seconds of
-    work and never takes a row of zeros for a finished one. -> the number of rows embedded"""
+def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_size=32, num_workers=2,
+                      rank=0, world_size=1, flush_seconds=10.0) -> int:
+    """Embed the rows of this rank's share, rows [N*rank//world_size, N*(rank+1)//world_size), that are
+    TODO, into the partial files. Rows are marked done only after their tokens are flushed to disk (at most
+    every `flush_seconds`, and when this stops for any reason), so a killed run redoes at most the last few
+    seconds of work and never takes a row of zeros for a finished one. -> the number of rows embedded"""
     tokens = np.load(cache.path(".partial.npy"), mmap_mode="r+")  # (N, K, D) float16
     done = np.load(cache.path(".partial-done.npy"), mmap_mode="r+")  # (N,) uint8
     low, high = cache.images * rank // world_size, cache.images * (rank + 1) // world_size
@@ -588,9 +602,10 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
     if tokens.shape[2] != backbone.width:
         raise ValueError(f"{cache.path('.partial.npy')}: made for tokens of width {tokens.shape[2]}, but "
                          f"{cache.backbone} gives {backbone.width}")
-    loader = torch.utils.data.DataLoader(ImageFiles(items, backbone.preprocessing), batch_size=batch_size,
-                                         sampler=todo.tolist(), num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda", worker_init_fn=_one_thread)
+    dataset = ImageFiles(items, backbone.preprocessing)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=todo.tolist(),
+                                         num_workers=num_workers, worker_init_fn=_one_thread,
+                                         pin_memory=torch.device(device).type == "cuda")
     pending_rows, pending_status, pending_errors = [], [], []
 
     def flush():
@@ -608,11 +623,13 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
 
     start = last_flush = time.time()
     share = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    desc = f"embedding {cache.split} images with {cache.backbone}{share}"
     try:
-        with tqdm(total=len(todo), unit="img", desc=f"embedding {cache.split} images with {cache.backbone}{share}") as bar:
+        with tqdm(total=len(todo), unit="img", desc=desc) as bar:
             for rows, pixels, errors in loader:
+                pixels = pixels.to(device, non_blocking=True)
                 with autocast(device, cache.precision):
-                    batch = backbone.image_tokens(pixels.to(device, non_blocking=True), cache.grid)  # (b, K, D)
+                    batch = backbone.image_tokens(pixels, cache.grid)  # (b, K, D)
                 batch = batch.float().cpu().numpy().astype(np.float16)
                 unreadable = np.array([bool(e) for e in errors])
                 batch[unreadable] = 0
@@ -628,7 +645,8 @@ def embed_token_share(cache: TokenCache, items, backbone, device="cpu", batch_si
     finally:
         flush()  # what was embedded before an error or an interrupt is kept for the next run
     seconds = time.time() - start
-    print(f"embedded {len(todo)} {cache.split} images{share} in {seconds:.0f}s ({len(todo) / seconds:.1f} images/s)")
+    print(f"embedded {len(todo)} {cache.split} images{share} in {seconds:.0f}s "
+          f"({len(todo) / seconds:.1f} images/s)")
     return len(todo)
 
 
@@ -640,10 +658,11 @@ def publish_token_cache(cache: TokenCache, items, preprocessing: dict):
     if done.shape != (len(items),):
         raise ValueError(f"{done_path}: a done mask for {done.shape[0]} images, not {len(items)}")
     if (done == TODO).any():
-        raise RuntimeError(f"{done_path}: {int((done == TODO).sum())} of {len(items)} images are not embedded yet; "
-                           f"every rank must finish embed_token_share before the cache is published")
-    why = {}
-    for path in sorted(glob.glob(cache.path(".partial-unreadable-*.jsonl"))):
+        raise RuntimeError(f"{done_path}: {int((done == TODO).sum())} of {len(items)} images are not "
+                           f"embedded yet; every rank must finish embed_token_share before the cache is "
+                           f"published")
+    why, logs = {}, sorted(glob.glob(cache.path(".partial-unreadable-*.jsonl")))
+    for path in logs:
         with open(path) as f:
             for line in f:
                 with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
@@ -653,14 +672,16 @@ def publish_token_cache(cache: TokenCache, items, preprocessing: dict):
     unreadable = [{"row": r, "cocoid": items[r].cocoid, "path": items[r].path, "error": why.get(r, "unknown")}
                   for r in rows]
     atomic_write_text(cache.path(".unreadable.json"), json.dumps(unreadable, indent=1))
-    shape = list(np.load(cache.path(".partial.npy"), mmap_mode="r").shape)
-    meta = {"key": cache.key, "crc32": _crc32(cache.path(".partial.npy")), "split": cache.split, "backbone": cache.backbone, "grid": cache.grid,
-            "precision": cache.precision, "images": len(items), "shape": shape, "preprocessing": preprocessing,
-            "unreadable": rows, "unreadable_file": cache.path(".unreadable.json"), "unreadable_images": unreadable}
+    tokens_path = cache.path(".partial.npy")
+    meta = {"key": cache.key, "crc32": _crc32(tokens_path), "split": cache.split, "backbone": cache.backbone,
+            "grid": cache.grid, "precision": cache.precision, "images": len(items),
+            "shape": list(np.load(tokens_path, mmap_mode="r").shape), "preprocessing": preprocessing,
+            "unreadable": rows, "unreadable_file": cache.path(".unreadable.json"),
+            "unreadable_images": unreadable}
     # The description first: tokens without it never count, and prepare_token_cache removed any older tokens.
     atomic_write_text(cache.path(".json"), json.dumps(meta, indent=1))
-    os.replace(cache.path(".partial.npy"), cache.path(".npy"))
-    for path in [done_path, cache.path(".partial.json")] + glob.glob(cache.path(".partial-unreadable-*.jsonl")):
+    os.replace(tokens_path, cache.path(".npy"))
+    for path in [done_path, cache.path(".partial.json"), *logs]:
         os.remove(path)
 
 
@@ -689,10 +710,10 @@ class TokenRows:
 
 
 def drop_unreadable(items, tokens, meta):
-    """-> (items, tokens) without the images that could not be read: the same memmap when every image was read,
-    else a TokenRows view whose row i belongs to the i-th kept item."""
+    """-> (items, tokens) without the images that could not be read: the same memmap when every image was
+    read, else a TokenRows view whose row i belongs to the i-th kept item."""
     unreadable = set(meta["unreadable"])
     if not unreadable:
         return items, tokens
-    rows = [i for i in range(len(items)) if i not in unreadable]  # not empty: cached_image_tokens refuses that
+    rows = [i for i in range(len(items)) if i not in unreadable]  # not empty: cached_image_tokens refuses it
     return [items[i] for i in rows], TokenRows(tokens, rows)
