@@ -1,0 +1,462 @@
+"""
+Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a trained caption model to maximise
+CIDEr-D directly, instead of the likelihood of the reference captions.
+
+    python scst.py --checkpoint out/model.pt --out-dir out/scst --data-dir ../shared/coco-mini
+
+Each optimizer step takes a batch of training images, samples --samples-per-image captions per image
+(captioner.sample_captions), rewards each with its CIDEr-D against the image's training references, and
+follows the policy gradient of -(reward - baseline) x log p(caption). The baseline is the mean reward of the
+image's other samples (default; "new self-critical") or that of its greedy caption (--baseline greedy, the
+paper's). Val CIDEr-D of greedy captions, measured once before training and after every epoch, picks the
+model kept in OUT/model.pt (train.py's format). The loop reuses train.py's machinery (optimizer, LR schedule,
+non-finite guard, checkpoints with exact --resume, torchrun processes) by importing it.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import train
+from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, default_device, ids_to_text,
+                       load_model, sample_captions, save_model)
+from evaluate import coco_metrics, coco_tokenize
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- CIDEr-D with fixed document frequencies ----
+
+def ngram_counts(tokens: list[str], n: int = 4) -> Counter:
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D whose document frequencies come once from a fixed corpus, the training references (as
+    ruotianluo/ImageCaptioning.pytorch's CiderD). pycocoevalcap's Cider counts them over the images it is
+    given, which for a batch of 32 images makes every n-gram rare. The formula is pycocoevalcap's: tf-idf
+    vectors of 1- to 4-grams with idf log(images) - log(max(1, df)), products clipped as min(hyp, ref) x ref,
+    a cosine per n, a Gaussian length penalty (sigma 6), the mean over n, averaged over references, x 10."""
+
+    def __init__(self, references: list[list[str]], sigma: float = 6.0):
+        self.references = [[ngram_counts(coco_tokenize(r)) for r in refs] for refs in references]
+        self.df = Counter(g for refs in self.references for g in set().union(*refs))  # images per n-gram
+        self.log_images, self.sigma = math.log(len(references)), sigma
+
+    def _vector(self, counts: Counter):
+        """-> tf-idf per n ({n-gram: weight}, n = 1..4), their norms, and the length: pycocoevalcap counts
+        bigrams, one less than the words of any caption with a word, so length differences are the same."""
+        vector = [{} for _ in range(4)]
+        for gram, tf in counts.items():
+            vector[len(gram) - 1][gram] = tf * (self.log_images - math.log(max(1.0, self.df[gram])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vector]
+        return vector, norms, sum(counts[gram] for gram in vector[1])
+
+    def scores(self, image: int, hypotheses: list[str]) -> list[float]:
+        """CIDEr-D of each hypothesis against the references of image `image`."""
+        references = [self._vector(counts) for counts in self.references[image]]
+        scores = []
+        for hypothesis in hypotheses:
+            vector, norms, length = self._vector(ngram_counts(coco_tokenize(hypothesis)))
+            total = 0.0
+            for ref_vector, ref_norms, ref_length in references:
+                penalty = math.exp(-(length - ref_length) ** 2 / (2 * self.sigma ** 2))
+                for n in range(4):
+                    dot = sum(min(w, ref_vector[n].get(g, 0.0)) * ref_vector[n].get(g, 0.0)
+                              for g, w in vector[n].items())
+                    if norms[n] and ref_norms[n]:
+                        total += dot / (norms[n] * ref_norms[n]) * penalty
+            scores.append(10.0 * total / (4 * len(references)))
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- the policy gradient ----
+
+class Policy(nn.Module):
+    """The caption model as a sampling policy. forward() is sample_captions, so that DistributedDataParallel,
+    which hooks forward, sees one forward and one backward per micro-batch, as it expects."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens, samples_per_image: int, max_length: int, temperature: float, generator):
+        return sample_captions(self.model, image_tokens, samples_per_image, max_length, temperature, generator)
+
+
+def others_baseline(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (B, S) -> each sample's baseline (B, S): the mean reward of the image's S-1 other samples."""
+    S = rewards.shape[1]
+    return (rewards.sum(dim=1, keepdim=True) - rewards) / (S - 1)
+
+
+def policy_loss(logprobs: torch.Tensor, rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """logprobs, rewards, baseline (B, S) -> the SUM over samples of -(reward - baseline) x log p(caption).
+    log p is the caption's SUM of token log-probs, and the caller divides by the samples of the whole step,
+    so the loss is a mean over samples: each caption carries its whole reward signal, whatever its length
+    (this is REINFORCE's estimate of the gradient of the expected reward). A mean over tokens would instead
+    give each word of a long caption a smaller push than each word of a short one."""
+    return -((rewards - baseline).to(logprobs.device) * logprobs.float()).sum()
+
+
+def sample_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The sampling generator of one optimizer step on one process: a pure function of (seed, step, rank),
+    so that a resumed run draws the same captions without a generator state in the checkpoint."""
+    digest = hashlib.sha256(f"scst samples {seed} {step} {rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def epoch_windows(images: int, epoch: int, args, world_size: int = 1) -> list[list[int]]:
+    """The epoch's optimizer steps: windows of batch size x accumulation x world size training images, in an
+    order that is a pure function of (seed, epoch), as in train.py. The last, shorter window is kept."""
+    order = torch.randperm(images, generator=train.epoch_generator(args.seed, epoch)).tolist()
+    size = args.batch_size * args.accumulate_grad_batches * world_size
+    return [order[i:i + size] for i in range(0, images, size)]
+
+
+def accumulate_policy_gradient(policy, model, window, data, cider, generator, scaler, args, processes):
+    """Sample, reward and backward over this process's images of one optimizer step, in micro-batches ->
+    (the step's loss over all processes, a tensor; tokens sampled here; summed reward, and samples, here)."""
+    images, weight = train.my_share(window, processes.rank, processes.world_size)
+    S, device = args.samples_per_image, processes.device
+    # The step's loss is the mean over the window's samples on all processes (see policy_loss); DDP averages
+    # gradients over processes, which the factor world_size turns back into the sum.
+    scale = weight * processes.world_size / (len(window) * S)
+    step_loss, tokens, reward_sum = torch.zeros((), device=device), 0, 0.0
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    for k, batch in enumerate(batches):
+        image_tokens = train.to_device(torch.from_numpy(np.ascontiguousarray(data["tokens"][batch])), device)
+        if args.baseline == "greedy":  # the test-time caption of the current model, as in the paper
+            model.eval()
+            with autocast(device, args.precision):
+                greedy, _ = beam_search(model, image_tokens, 1, args.max_length)
+            model.train()
+            greedy = ids_to_text(data["tokenizer"], greedy)
+        last = k == len(batches) - 1  # DDP all-reduces gradients once per step: in the last micro-batch
+        with policy.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
+            with autocast(device, args.precision):
+                ids, logprobs = policy(image_tokens, S, args.max_length, args.temperature, generator)
+            texts = ids_to_text(data["tokenizer"], ids)  # (b*S) captions, the samples of an image adjacent
+            rewards = torch.tensor([cider.scores(image, texts[i * S:(i + 1) * S])
+                                    for i, image in enumerate(batch)])  # (b, S)
+            if args.baseline == "others":
+                baseline = others_baseline(rewards)
+            else:  # (b, 1), broadcast over the samples
+                baseline = torch.tensor([cider.scores(image, [greedy[i]]) for i, image in enumerate(batch)])
+            loss = policy_loss(logprobs.view(len(batch), S), rewards, baseline) * scale
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+        tokens += int((ids != data["eos"]).sum()) + len(ids)  # words and one EOS per caption
+        reward_sum += float(rewards.sum()) * (weight > 0)
+    if processes.world_size > 1:
+        dist.all_reduce(step_loss)  # every process sees the same loss, so all stop together if it is bad
+    return step_loss / processes.world_size, tokens, (reward_sum, len(images) * S * (weight > 0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- the loop ----
+
+def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state, total_steps, args, processes,
+                    log, save, stop_request) -> bool:
+    """The optimizer steps of one epoch from state.step_in_epoch on, as train.train_one_epoch. Returns False
+    if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved)."""
+    model.train()  # dropout stays on while sampling: its masks are part of the sampled policy
+    windows = epoch_windows(len(data["items"]), epoch, args, processes.world_size)
+    stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
+    interval, rewards = train.Interval(), torch.zeros(2)  # rewards: their sum, and how many
+    for window_index in range(state.step_in_epoch, len(windows)):
+        lr = train.get_lr(state.step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens, (reward_sum, samples) = accumulate_policy_gradient(
+            policy, model, windows[window_index], data, cider, sample_generator(args.seed, state.step,
+                                                                                processes.rank),
+            scaler, args, processes)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        train.optimizer_step(optimizer, scaler, loss)
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.step_in_epoch = window_index + 1
+        interval.add(loss, tokens)
+        rewards += torch.tensor([reward_sum, samples])
+        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
+        checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
+        if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+            if processes.world_size > 1:  # every process's samples (NCCL reduces device tensors only)
+                totals = rewards.to(processes.device)
+                dist.all_reduce(totals)
+                rewards = totals.cpu()
+            record = {"type": "train", "step": state.step, "epoch": epoch, **interval.close(state.step, epoch),
+                      "reward": float(rewards[0] / rewards[1]), "lr": lr, "grad_norm": float(grad_norm)}
+            log(record, f"epoch {epoch} step {state.step}/{total_steps}: reward {record['reward']:.4f} loss "
+                        f"{record['loss']:.4f} lr {lr:.2e} grad norm {record['grad_norm']:.2f} "
+                        f"{record['ms_per_step']:.0f} ms/step {record['tokens_per_s']:.0f} tokens/s")
+            interval, rewards = train.Interval(), torch.zeros(2)
+        if checkpoint:
+            save()
+        if stop:
+            return False
+    return True
+
+
+def validate(model, data, args, device) -> dict:
+    """-> val CIDEr-D and BLEU-4 (COCO protocol) of greedy captions of every val image, and the first one."""
+    model.eval()
+    captions = caption_image_tokens(model, data["tokenizer"], data["tokens"], 1, device, args.eval_batch_size,
+                                    args.max_length)
+    model.train()
+    scores, _ = coco_metrics(captions, data["references"])
+    return {"val_cider_d": scores["cider_d"], "val_bleu4": scores["bleu4"], "example": captions[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---- main ----
+
+# Settings that a resumed run must share with the run it continues (--max-epochs and --precision may change,
+# as in train.py).
+RESUME_MUST_MATCH = ("checkpoint", "data_dir", "batch_size", "accumulate_grad_batches", "samples_per_image",
+                     "temperature", "baseline", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
+                     "weight_decay", "grad_clip", "max_length", "seed")
+
+
+def run_settings(args) -> dict:
+    return {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision", "max_epochs")}
+
+
+def main(args):
+    processes = train.Processes.start(args.device)
+    try:
+        with train.out_dir_lock(args.out_dir) if processes.is_main else contextlib.nullcontext():
+            fine_tune(args, processes)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fine_tune(args, processes: train.Processes):
+    say = print if processes.is_main else (lambda *a, **k: None)
+    device = processes.device
+    train.check_out_dir(args)
+    checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
+    # the starting model; its archive also gives OUT/model.pt its preprocessing and embedding precision
+    model, tokenizer, archive = load_model(args.checkpoint)
+    checkpoint = None
+    if args.resume:
+        checkpoint = train.load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
+                                           processes.world_size)
+    precision = archive["metadata"].get("embedding_precision", "32")
+    data_args = argparse.Namespace(data_dir=args.data_dir, download=False, cache_dir=args.cache_dir,
+                                   vision_backbone=model.config.vision_backbone, image_grid=model.config.image_grid,
+                                   embedding_precision=precision, num_workers=args.num_workers)
+    splits = train.load_splits(data_args, processes)
+    if splits["train"]["preprocessing"] != archive["preprocessing"]:
+        raise SystemExit(f"error: the cached embeddings were made with preprocessing "
+                         f"{splits['train']['preprocessing']}, the model was trained with {archive['preprocessing']}")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed + processes.rank)  # each process its own dropout masks
+    if checkpoint:
+        model, tokenizer = train.model_from(checkpoint, args, model.config.image_width)
+    if args.max_length > model.decoder.config.n_positions:
+        raise SystemExit(f"error: the decoder reads at most {model.decoder.config.n_positions} tokens; lower "
+                         f"--max-length ({args.max_length})")
+    model.to(device)
+    for split in splits.values():
+        split.update(references=[item.captions for item in split["items"]], tokenizer=tokenizer,
+                     eos=tokenizer.eos_token_id)
+    cider = CiderD(splits["train"]["references"])  # document frequencies of every training reference, once
+
+    optimizer = train.make_optimizer(model, args.lr, args.weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.precision == "16")
+    state = train.TrainState()
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint["scaler"])
+        state = train.TrainState.from_checkpoint(checkpoint["state"])
+        train.set_rng_states(checkpoint["rng"][processes.rank])
+    policy = Policy(model)
+    train_policy = policy if processes.world_size == 1 else DistributedDataParallel(
+        policy, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+
+    images = len(splits["train"]["items"])
+    effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
+    steps_per_epoch = math.ceil(images / effective_batch)
+    total_steps = steps_per_epoch * args.max_epochs
+    say(f"device {device}, precision {args.precision}, model {args.checkpoint} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.config.vision_backbone})")
+    say(f"train {images} images, val {len(splits['val']['items'])} images; effective batch {args.batch_size} x "
+        f"{args.accumulate_grad_batches} x {processes.world_size} process{'es' if processes.world_size > 1 else ''}"
+        f" = {effective_batch} images x {args.samples_per_image} samples = "
+        f"{effective_batch * args.samples_per_image} captions; {steps_per_epoch} optimizer steps per epoch, "
+        f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
+        f"temperature {args.temperature:g}")
+    say(f"outputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl")
+    if checkpoint:
+        say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
+
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if processes.is_main:
+        if args.overwrite and not args.resume:
+            for f in train.RUN_FILES:
+                if os.path.exists(os.path.join(args.out_dir, f)):
+                    os.remove(os.path.join(args.out_dir, f))
+        if checkpoint:
+            train.trim_log(log_path, state)
+
+    def log(record, line):
+        if processes.is_main:
+            print(line, flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save():
+        train.save_checkpoint(checkpoint_path, processes, model, optimizer, scaler, state, tokenizer,
+                              run_settings(args))
+
+    def evaluate_epoch(epoch: int, start: float):
+        """Rank 0: validate; keep the model in OUT/model.pt if it beats the best so far (epoch -1: the
+        start, so that model.pt is never worse than the model fine-tuning began with)."""
+        scores = validate(model, splits["val"], args, device)
+        best = scores["val_cider_d"] > state.best_score
+        if best:
+            state.best_score = scores["val_cider_d"]
+            save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, archive["preprocessing"],
+                       {"epoch": epoch, "step": state.step, "val_bleu4_coco": scores["val_bleu4"],
+                        "val_cider_d": scores["val_cider_d"], "beam_size": 1, "embedding_precision": precision,
+                        "scst_from": os.path.abspath(args.checkpoint)})
+        log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
+             "seconds": time.time() - start},
+            f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} (greedy)"
+            f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+
+    with train.StopRequest(processes) as stop_request:
+        if not checkpoint:
+            if processes.is_main:
+                evaluate_epoch(-1, time.time())
+            processes.barrier()
+            save()  # a run stopped before its first epoch ends resumes without evaluating the start again
+        for epoch in range(state.epoch, args.max_epochs):
+            state.epoch = epoch
+            epoch_start = time.time()
+            if not train_one_epoch(train_policy, model, optimizer, scaler, splits["train"], cider, epoch, state,
+                                   total_steps, args, processes, log, save, stop_request):
+                break
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            if processes.is_main:
+                evaluate_epoch(epoch, epoch_start)
+            processes.barrier()
+            save()
+            if stop_request.requested():
+                break
+    if stop_request.signal:
+        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {checkpoint_path} "
+                         f"holds it; --resume continues from there")
+    if state.epoch < args.max_epochs:
+        say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+        return
+    say(f"done: best val CIDEr-D {state.best_score:.4f}; model in {args.out_dir}/model.pt")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Fine-tune a caption model with self-critical sequence training")
+    add = parser.add_argument
+    # what to fine-tune, on what
+    add("--checkpoint", default="out/model.pt", help="the model archive to start from (train.py's model.pt)")
+    add("--data-dir", default="data/coco", help="folder with a Karpathy-format dataset_coco.json and its images")
+    add("--cache-dir", default=None, help="embedding cache (default: as train.py)")
+    add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+        help="image decoding workers, if a split still has to be embedded")
+    # sampling and reward
+    add("--samples-per-image", type=int, default=5, help="captions sampled per image and step")
+    add("--temperature", type=float, default=1.0, help="sample from softmax(logits / temperature)")
+    add("--baseline", choices=["others", "greedy"], default="others",
+        help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
+    add("--max-length", type=int, default=30, help="most tokens per caption (sampled or greedy), EOS included")
+    # optimisation
+    add("--max-epochs", type=int, default=3, help="passes over the training images")
+    add("--batch-size", type=int, default=32, help="images per micro-batch (x samples per image captions)")
+    add("--accumulate-grad-batches", type=int, default=1,
+        help="micro-batches per optimizer step (effective batch = batch size x this x processes images)")
+    add("--lr", type=float, default=5e-5, help="peak learning rate; SCST wants a small one")
+    add("--lr-schedule", choices=["cosine", "constant"], default="constant",
+        help="cosine: linear warmup then cosine decay; constant: a fixed LR")
+    add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up (cosine)")
+    add("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr (cosine)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW decay on weight matrices")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
+        help="autocast: 16 (fp16 + GradScaler), bf16, or 32; auto: bf16 on a GPU that has it, else 16 on "
+             "CUDA, else 32")
+    add("--seed", type=int, default=0, help="seeds the image order, the samples and dropout")
+    # evaluation
+    add("--eval-batch-size", type=int, default=128, help="val images decoded together")
+    # run
+    add("--out-dir", default="out/scst", help="model.pt, checkpoint.pt and log.jsonl go here")
+    add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
+    add("--overwrite", action="store_true", help="start over even if OUT holds another run")
+    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    add("--log-interval", type=int, default=10, help="optimizer steps per log line")
+    add("--checkpoint-every", type=int, default=100,
+        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch)")
+    add("--stop-after-steps", type=int, default=0,
+        help="save a checkpoint and exit after N optimizer steps of this invocation (0: run to the end)")
+    return parser
+
+
+def check_args(args, parser):
+    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "samples_per_image", "eval_batch_size",
+                 "log_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("checkpoint_every", "stop_after_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("lr", "temperature", "weight_decay", "grad_clip", "warmup_fraction", "min_lr_ratio"):
+        if not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
+    if args.lr <= 0 or args.grad_clip <= 0 or args.temperature <= 0 or args.weight_decay < 0:
+        parser.error("--lr, --grad-clip and --temperature must be > 0, --weight-decay >= 0")
+    if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
+        parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1]")
+    if args.max_length < 2:
+        parser.error("--max-length must be at least 2 (one word and EOS)")
+    if args.baseline == "others" and args.samples_per_image < 2:
+        parser.error("--baseline others needs --samples-per-image 2 or more")
+    args.device = args.device or default_device()
+    cuda = torch.device(args.device).type == "cuda"
+    if args.precision == "auto":
+        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "16") if cuda else "32"
+    if args.precision == "16" and not cuda:
+        print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
+        args.precision = "32"
+    args.cache_dir = args.cache_dir or train.default_cache_dir()
+    args.data_dir, args.checkpoint = os.path.abspath(args.data_dir), os.path.abspath(args.checkpoint)
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(args, parser)
+    signal.signal(signal.SIGTERM, train.interrupt)  # as Ctrl-C: a message rather than a silent death
+    try:
+        main(args)
+    except (ArchiveError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted; --resume continues from OUT/checkpoint.pt if it exists") from None
