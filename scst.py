@@ -92,8 +92,8 @@ class Policy(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image_tokens, samples_per_image: int, max_length: int, temperature: float, generator):
-        return sample_captions(self.model, image_tokens, samples_per_image, max_length, temperature, generator)
+    def forward(self, image_tokens, *options):  # samples per image, max length, temperature, generator
+        return sample_captions(self.model, image_tokens, *options)
 
 
 def others_baseline(rewards: torch.Tensor) -> torch.Tensor:
@@ -142,8 +142,8 @@ def accumulate_policy_gradient(policy, model, window, data, cider, generator, sc
             model.eval()
             with autocast(device, args.precision):
                 greedy, _ = beam_search(model, image_tokens, 1, args.max_length)
-            model.train()
             greedy = ids_to_text(data["tokenizer"], greedy)
+            model.train()
         last = k == len(batches) - 1  # DDP all-reduces gradients once per step: in the last micro-batch
         with policy.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
             with autocast(device, args.precision):
@@ -200,8 +200,9 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
                 totals = rewards.to(processes.device)
                 dist.all_reduce(totals)
                 rewards = totals.cpu()
-            record = {"type": "train", "step": state.step, "epoch": epoch, **interval.close(state.step, epoch),
-                      "reward": float(rewards[0] / rewards[1]), "lr": lr, "grad_norm": float(grad_norm)}
+            record = {"type": "train", "step": state.step, "epoch": epoch,
+                      **interval.close(state.step, epoch), "reward": float(rewards[0] / rewards[1]), "lr": lr,
+                      "grad_norm": float(grad_norm)}
             log(record, f"epoch {epoch} step {state.step}/{total_steps}: reward {record['reward']:.4f} loss "
                         f"{record['loss']:.4f} lr {lr:.2e} grad norm {record['grad_norm']:.2f} "
                         f"{record['ms_per_step']:.0f} ms/step {record['tokens_per_s']:.0f} tokens/s")
@@ -258,14 +259,14 @@ def fine_tune(args, processes: train.Processes):
     if args.resume:
         checkpoint = train.load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
                                            processes.world_size)
-    precision = archive["metadata"].get("embedding_precision", "32")
-    data_args = argparse.Namespace(data_dir=args.data_dir, download=False, cache_dir=args.cache_dir,
-                                   vision_backbone=model.config.vision_backbone, image_grid=model.config.image_grid,
-                                   embedding_precision=precision, num_workers=args.num_workers)
-    splits = train.load_splits(data_args, processes)
+    precision = archive["metadata"].get("embedding_precision", "32")  # the image tokens the model learnt on
+    splits = train.load_splits(argparse.Namespace(
+        data_dir=args.data_dir, download=False, cache_dir=args.cache_dir, embedding_precision=precision,
+        vision_backbone=model.config.vision_backbone, image_grid=model.config.image_grid,
+        num_workers=args.num_workers), processes)
     if splits["train"]["preprocessing"] != archive["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
-                         f"{splits['train']['preprocessing']}, the model was trained with {archive['preprocessing']}")
+                         f"{splits['train']['preprocessing']}, the model with {archive['preprocessing']}")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -298,11 +299,12 @@ def fine_tune(args, processes: train.Processes):
     effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
     steps_per_epoch = math.ceil(images / effective_batch)
     total_steps = steps_per_epoch * args.max_epochs
+    parameters = sum(p.numel() for p in model.parameters())
     say(f"device {device}, precision {args.precision}, model {args.checkpoint} "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.config.vision_backbone})")
-    say(f"train {images} images, val {len(splits['val']['items'])} images; effective batch {args.batch_size} x "
-        f"{args.accumulate_grad_batches} x {processes.world_size} process{'es' if processes.world_size > 1 else ''}"
-        f" = {effective_batch} images x {args.samples_per_image} samples = "
+        f"({model.config.vision_backbone}, {parameters / 1e6:.1f}M parameters)")
+    say(f"train {images} images, val {len(splits['val']['items'])}; effective batch {args.batch_size} x "
+        f"{args.accumulate_grad_batches} x {processes.world_size} processes = {effective_batch} images x "
+        f"{args.samples_per_image} samples = "
         f"{effective_batch * args.samples_per_image} captions; {steps_per_epoch} optimizer steps per epoch, "
         f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
         f"temperature {args.temperature:g}")
@@ -338,12 +340,12 @@ def fine_tune(args, processes: train.Processes):
             state.best_score = scores["val_cider_d"]
             save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, archive["preprocessing"],
                        {"epoch": epoch, "step": state.step, "val_bleu4_coco": scores["val_bleu4"],
-                        "val_cider_d": scores["val_cider_d"], "beam_size": 1, "embedding_precision": precision,
-                        "scst_from": os.path.abspath(args.checkpoint)})
+                        "val_cider_d": scores["val_cider_d"], "beam_size": 1, "scst_from": args.checkpoint,
+                        "embedding_precision": precision})
         log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
              "seconds": time.time() - start},
-            f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} (greedy)"
-            f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+            f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} "
+            f"(greedy){' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
 
     with train.StopRequest(processes) as stop_request:
         if not checkpoint:
@@ -354,8 +356,8 @@ def fine_tune(args, processes: train.Processes):
         for epoch in range(state.epoch, args.max_epochs):
             state.epoch = epoch
             epoch_start = time.time()
-            if not train_one_epoch(train_policy, model, optimizer, scaler, splits["train"], cider, epoch, state,
-                                   total_steps, args, processes, log, save, stop_request):
+            if not train_one_epoch(train_policy, model, optimizer, scaler, splits["train"], cider, epoch,
+                                   state, total_steps, args, processes, log, save, stop_request):
                 break
             state.epoch, state.step_in_epoch = epoch + 1, 0
             if processes.is_main:
@@ -378,7 +380,7 @@ def get_args_parser():
     add = parser.add_argument
     # what to fine-tune, on what
     add("--checkpoint", default="out/model.pt", help="the model archive to start from (train.py's model.pt)")
-    add("--data-dir", default="data/coco", help="folder with a Karpathy-format dataset_coco.json and its images")
+    add("--data-dir", default="data/coco", help="folder with a Karpathy-format dataset_coco.json and images")
     add("--cache-dir", default=None, help="embedding cache (default: as train.py)")
     add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
         help="image decoding workers, if a split still has to be embedded")
@@ -387,7 +389,7 @@ def get_args_parser():
     add("--temperature", type=float, default=1.0, help="sample from softmax(logits / temperature)")
     add("--baseline", choices=["others", "greedy"], default="others",
         help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
-    add("--max-length", type=int, default=30, help="most tokens per caption (sampled or greedy), EOS included")
+    add("--max-length", type=int, default=30, help="most tokens per caption (sampled, greedy), EOS included")
     # optimisation
     add("--max-epochs", type=int, default=3, help="passes over the training images")
     add("--batch-size", type=int, default=32, help="images per micro-batch (x samples per image captions)")
@@ -420,8 +422,8 @@ def get_args_parser():
 
 
 def check_args(args, parser):
-    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "samples_per_image", "eval_batch_size",
-                 "log_interval"):
+    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "samples_per_image",
+                 "eval_batch_size", "log_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("checkpoint_every", "stop_after_steps", "num_workers"):
@@ -459,4 +461,5 @@ if __name__ == "__main__":
     except (ArchiveError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
-        raise SystemExit("error: interrupted; --resume continues from OUT/checkpoint.pt if it exists") from None
+        raise SystemExit(f"error: interrupted; --resume continues from {args.out_dir}/checkpoint.pt if it "
+                         f"exists") from None

@@ -74,7 +74,8 @@ def test_an_scst_step_raises_the_expected_reward():
     reward, summed over every caption the model can write, of every image."""
     model, max_length = tiny_model(seed=3), 4
     tokens = image_tokens(model, 4)
-    captions = [list(w) + [EOS] for n in range(max_length) for w in itertools.product(range(VOCAB - 1), repeat=n)]
+    captions = [list(words) + [EOS] for n in range(max_length)
+                for words in itertools.product(range(VOCAB - 1), repeat=n)]
 
     def expected_reward():
         with torch.no_grad():
@@ -138,9 +139,10 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
                          "--max-epochs", "1"))
 
     def argv(out, *extra):  # 16 images in windows of 3 x 2: 3 optimizer steps per epoch (6 + 6 + 4 images)
-        return ["--checkpoint", str(tmp_path / "ce" / "model.pt"), "--data-dir", tiny_dataset, "--cache-dir",
-                str(cache), "--out-dir", str(tmp_path / out), "--batch-size", "3", "--accumulate-grad-batches",
-                "2", "--samples-per-image", "3", "--max-epochs", "2", "--lr", "1e-2", "--max-length", "8",
+        return ["--checkpoint", str(tmp_path / "ce" / "model.pt"), "--data-dir", tiny_dataset,
+                "--cache-dir", str(cache), "--out-dir", str(tmp_path / out), "--batch-size", "3",
+                "--accumulate-grad-batches", "2", "--samples-per-image", "3", "--max-epochs", "2",
+                "--lr", "1e-2", "--max-length", "8",
                 "--precision", "32", "--device", "cpu", "--log-interval", "1", "--num-workers", "0",
                 "--checkpoint-every", "0", *extra]
     run_scst(argv("a"))
@@ -151,7 +153,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     train_a = [(r["step"], r["loss"], r["reward"]) for r in log_a if r["type"] == "train"]
     train_b = [(r["step"], r["loss"], r["reward"]) for r in log_b if r["type"] == "train"]
-    assert [s for s, _, _ in train_a] == [1, 2, 3, 4, 5, 6] and [s for s, _, _ in train_b] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _, _ in train_a] == [s for s, _, _ in train_b] == [1, 2, 3, 4, 5, 6]
     assert sum(train_b, ()) == pytest.approx(sum(train_a, ()), rel=1e-6, abs=1e-7)
     assert len({r for _, _, r in train_a}) > 1  # rewards vary: the samples are not all alike
     epochs_a = [(r["epoch"], r["val_cider_d"]) for r in log_a if r["type"] == "epoch"]
@@ -167,3 +169,20 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     model_pt = safe_torch_load(str(tmp_path / "a" / "model.pt"), "captioner-model")
     assert model_pt["preprocessing"] == start["preprocessing"]
     assert model_pt["metadata"]["embedding_precision"] == start["metadata"]["embedding_precision"]
+    # the paper's baseline, the greedy caption's reward, runs through the same loop
+    run_scst(argv("g", "--baseline", "greedy", "--max-epochs", "1", "--stop-after-steps", "1"))
+    assert [r["step"] for r in read_log(tmp_path / "g") if r["type"] == "train"] == [1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--samples-per-image", "1"], "--baseline others needs --samples-per-image 2 or more"),
+    (["--max-length", "1"], "--max-length must be at least 2"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--stop-after-steps", "-1"], "--stop-after-steps must be 0 or more"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    parser = scst.get_args_parser()
+    with pytest.raises(SystemExit):
+        scst.check_args(parser.parse_args(argv), parser)
+    assert message in capsys.readouterr().err
