@@ -34,9 +34,9 @@ from captioner import CaptionModel, CaptionerConfig  # noqa: E402
 
 KARPATHY_TRAIN_CAPTIONS = 566_747  # train + restval: 113,287 images with 5 or more captions each
 # caption length in GPT-2 tokens (EOS included, cut at 40) -> how many of coco-mini's 14,286 captions have it
-CAPTION_LENGTHS = {8: 32, 9: 409, 10: 1660, 11: 2436, 12: 2742, 13: 2341, 14: 1747, 15: 1080, 16: 663, 17: 414,
-                   18: 252, 19: 155, 20: 105, 21: 61, 22: 58, 23: 30, 24: 22, 25: 14, 26: 14, 27: 18, 28: 11,
-                   29: 6, 30: 1, 31: 2, 32: 1, 33: 2, 34: 2, 35: 2, 36: 2, 40: 4}
+CAPTION_LENGTHS = {8: 32, 9: 409, 10: 1660, 11: 2436, 12: 2742, 13: 2341, 14: 1747, 15: 1080, 16: 663,
+                   17: 414, 18: 252, 19: 155, 20: 105, 21: 61, 22: 58, 23: 30, 24: 22, 25: 14, 26: 14, 27: 18,
+                   28: 11, 29: 6, 30: 1, 31: 2, 32: 1, 33: 2, 34: 2, 35: 2, 36: 2, 40: 4}
 # name -> (batch, accumulation, precision, bucket windows, tokens on the device, torch.compile)
 CONFIGS = {
     "original": (32, 4, "16", 0, False, False),   # --batch-size 32 --accumulate-grad-batches 4 --precision 16
@@ -63,7 +63,8 @@ def get_args_parser():
     parser.add_argument("--image-tokens", type=int, default=10, help="1 global + grid x grid")
     parser.add_argument("--image-width", type=int, default=768, help="BLIP base / CLIP ViT-B: 768")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation included)")
+    parser.add_argument("--warmup-steps", type=int, default=5,
+                        help="untimed steps first (compilation included)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: from the GPU's name)")
     return parser
@@ -80,7 +81,8 @@ def synthetic_config(args) -> CaptionerConfig:
 
 
 def matmul_parameters(model: CaptionModel) -> tuple[int, int]:
-    """-> (weights applied once per caption token, weights applied once per image token); see the docstring."""
+    """-> (weights applied once per caption token, weights applied once per image token); see the
+    docstring."""
     per_token = model.decoder.lm_head.weight.numel()
     per_image_token = model.image_projection.weight.numel()
     for name, module in model.decoder.transformer.named_modules():
@@ -105,15 +107,16 @@ def main(args):
     n_images = most // 5 + 1
     drawn = rng.choice(lengths, size=(n_images, 5), p=np.array(counts) / sum(counts))
     captions = [[list(rng.integers(0, 50256, n - 1)) + [50256] for n in row] for row in drawn]
-    host_tokens = rng.standard_normal((n_images, config.num_image_tokens, args.image_width)).astype(np.float16)
+    host_tokens = rng.standard_normal((n_images, config.num_image_tokens, args.image_width))
+    host_tokens = host_tokens.astype(np.float16)
     print(f"device: {name}; torch {torch.__version__}; decoder {args.layers} layers x {args.width} + "
           f"cross-attention; {config.num_image_tokens} image tokens of width {args.image_width}; "
           f"peak {peak} TFLOP/s (bf16 dense)")
     if cuda:  # as train.py does on CUDA
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print("| configuration | batch x accumulation | precision | bucketing | tokens on GPU | compiled | padding | "
-          "captions/s | tokens/s | MFU | peak memory (GB) | s per Karpathy epoch | warm-up s |")
+    print("| configuration | batch x accumulation | precision | bucketing | tokens on GPU | compiled "
+          "| padding | captions/s | tokens/s | MFU | peak memory (GB) | s per Karpathy epoch | warm-up s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config_name in args.configs:
         batch_size, accumulation, precision, buckets, on_device, compiled = CONFIGS[config_name]
@@ -144,7 +147,8 @@ def main(args):
             window = windows[step]
             batches = [train.make_batch(window[i:i + batch_size], captions, tokens_source, 50256)
                        for i in range(0, len(window), batch_size)]
-            loss, window_tokens = train.accumulate_gradients(step_model, batches, scaler, processes, precision)
+            loss, window_tokens = train.accumulate_gradients(step_model, batches, scaler, processes,
+                                                             precision)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             train.optimizer_step(optimizer, scaler, loss)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built from configs (nothing is downloaded) and a tiny Karpathy-format dataset."""
+"""Shared fixtures: tiny models built from configs (nothing is downloaded) and a tiny Karpathy-format
+dataset."""
 import json
 import os
 
@@ -15,7 +16,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), 
 def small_decoder_dir(tmp_path_factory):
     """A random 1-layer GPT-2 with the real GPT-2 tokenizer, saved like a hub model."""
     from make_small_decoder import make_small_decoder
-    return make_small_decoder(str(tmp_path_factory.mktemp("decoder")), layers=1, width=32, heads=2, positions=48)
+    return make_small_decoder(str(tmp_path_factory.mktemp("decoder")), layers=1, width=32, heads=2,
+                              positions=48)
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +26,8 @@ def tiny_clip_dir(tmp_path_factory):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
     path = str(tmp_path_factory.mktemp("clip"))
     CLIPVisionModel(config).save_pretrained(path)
     return path
@@ -39,7 +41,8 @@ def write_dataset(root, splits=(("train", 16), ("val", 4), ("test", 4)), seed=0)
     for split, count in splits:
         for _ in range(count):
             name = list(COLOURS)[cocoid % len(COLOURS)]
-            pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            noise = rng.integers(-20, 20, (40, 48, 3))
+            pixels = np.clip(np.array(COLOURS[name]) + noise, 0, 255).astype(np.uint8)
             filename = f"{cocoid:012d}.jpg"
             Image.fromarray(pixels).save(os.path.join(root, "images", filename))
             sentences = [{"raw": f"A {name} picture."}, {"raw": f"Something {name}, plain and simple."}]
@@ -88,8 +91,8 @@ def tiny_model(seed=0, vocab=VOCAB, eos=EOS, grid=1, width=6):
     from transformers import GPT2Config
     from captioner import CaptionModel, CaptionerConfig
     torch.manual_seed(seed)
-    decoder = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, add_cross_attention=True,
-                         bos_token_id=eos, eos_token_id=eos)
+    decoder = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                         add_cross_attention=True, bos_token_id=eos, eos_token_id=eos)
     config = CaptionerConfig(vision_backbone="test", image_grid=grid, image_width=width,
                              decoder=decoder.to_dict(), eos_token_id=eos)
     model = CaptionModel(config).eval()

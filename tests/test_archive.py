@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from captioner import (ArchiveError, Captioner, beam_search, build_model, load_backbone, load_model, save_model)
+from captioner import (ArchiveError, Captioner, beam_search, build_model, load_backbone, load_model,
+                       save_model)
 
 
 @pytest.fixture
@@ -28,7 +29,8 @@ def test_round_trip_is_exact_and_loads_with_weights_only(archive):
     tokens = torch.randn(3, model.config.num_image_tokens, model.config.image_width)
     input_ids = torch.randint(0, 50257, (3, 7))
     torch.testing.assert_close(loaded(tokens, input_ids)[0], model(tokens, input_ids)[0], rtol=0, atol=0)
-    assert loaded_tokenizer("A man riding a horse.")["input_ids"] == tokenizer("A man riding a horse.")["input_ids"]
+    text = "A man riding a horse."
+    assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded_tokenizer.decode([32, 582, 13]) == "A man."
     assert not loaded.training
 
@@ -93,7 +95,8 @@ def test_command_line_prints_path_and_caption(archive, tiny_dataset):
     assert [line.split("\t")[0] for line in lines] == images
     bad = subprocess.run([sys.executable, "captioner.py", "--checkpoint", images[0], images[0]],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert bad.returncode != 0 and "not a readable PyTorch file" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0
+    assert "not a readable PyTorch file" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
@@ -105,7 +108,8 @@ def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
     loaded, _, _ = load_model(str(tmp_path / "m.pt"))
     ids, _ = beam_search(loaded, tokens, beam_size=2, max_length=4)
     assert ids.shape[0] == 2
-    with pytest.raises(ValueError, match=r"expected image tokens of shape \(B, 10, 1024\), got \(2, 10, 768\)"):
+    expected = r"expected image tokens of shape \(B, 10, 1024\), got \(2, 10, 768\)"
+    with pytest.raises(ValueError, match=expected):
         loaded(torch.randn(2, 10, 768), torch.zeros(2, 3, dtype=torch.long))
 
 
@@ -130,7 +134,8 @@ def test_tied_weights_are_stored_once(archive):
     assert saved["decoder.lm_head.weight"].data_ptr() == saved["decoder.transformer.wte.weight"].data_ptr()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: .cpu() copies each key off a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: .cpu() copies each key off a GPU")
 def test_tied_weights_from_a_gpu_model_are_stored_once(archive):
     from captioner import cpu_state_dict
     state = cpu_state_dict(archive[1].cuda())
@@ -141,7 +146,7 @@ def test_the_api_sees_the_image_tokens_that_training_cached(archive, tiny_datase
     import data
     items = data.read_karpathy(tiny_dataset, "val")
     cap = Captioner.load(archive[0])
-    cached, _ = data.cached_image_tokens(items, "val", cap.model.config.vision_backbone, 2, str(tmp_path / "c"),
-                                         num_workers=0)
+    cached, _ = data.cached_image_tokens(items, "val", cap.model.config.vision_backbone, 2,
+                                         str(tmp_path / "c"), num_workers=0)
     torch.testing.assert_close(cap.encode([item.path for item in items]), torch.from_numpy(cached[:]).float(),
                                rtol=0, atol=0)  # same precision, rounded to float16 as the cache holds them

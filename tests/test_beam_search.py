@@ -38,7 +38,8 @@ def test_wide_beam_equals_exhaustive_search(length_penalty):
     model, max_length = tiny_model(), 4
     tokens = image_tokens(model, 3)
     # a beam as wide as the number of prefixes (4**3 = 64) keeps every candidate: the search is exact
-    ids, scores = beam_search(model, tokens, beam_size=64, max_length=max_length, length_penalty=length_penalty)
+    ids, scores = beam_search(model, tokens, beam_size=64, max_length=max_length,
+                              length_penalty=length_penalty)
     for b in range(3):
         best, best_score = exhaustive_best(model, tokens[b], max_length, length_penalty)
         assert strip(ids[b]) == best

@@ -6,8 +6,8 @@ LAVIS in a subprocess with the Python named by LAVIS_PYTHON (default: this one, 
     python3.11 -m venv --system-site-packages /tmp/lavis-env
     /tmp/lavis-env/bin/pip install wheel
     /tmp/lavis-env/bin/pip install --no-build-isolation -r requirements-lavis.txt
-    LAVIS_PYTHON=/tmp/lavis-env/bin/python python -m pytest -s tests/test_blip.py   # ours on this transformers
-    /tmp/lavis-env/bin/python -m pytest -s tests/test_blip.py                        # both in the venv
+    LAVIS_PYTHON=/tmp/lavis-env/bin/python python -m pytest -s tests/test_blip.py  # ours in this Python
+    /tmp/lavis-env/bin/python -m pytest -s tests/test_blip.py                      # both in the venv
 """
 import argparse
 import glob
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import captioner
-from captioner import (BLIPBackbone, available_backbones, check_backbone_name, load_backbone, load_blip_vision)
+from captioner import (BLIPBackbone, available_backbones, check_backbone_name, load_backbone,
+                       load_blip_vision)
 
 TINY = {"image": 32, "patch": 8, "width": 64, "depth": 2, "heads": 2}  # a 4 x 4 patch grid
 
@@ -43,10 +44,12 @@ def random_vit_state(image, patch, width, depth, seed=0, **_):
     for i in range(depth):
         b = f"blocks.{i}."
         # LayerNorms away from the identity and non-zero biases, so that a swapped or dropped key shows
-        state |= {b + "norm1.weight": rand(width, scale=0.1, mean=1.0), b + "norm1.bias": rand(width, scale=0.1),
+        state |= {b + "norm1.weight": rand(width, scale=0.1, mean=1.0),
+                  b + "norm1.bias": rand(width, scale=0.1),
                   b + "attn.qkv.weight": rand(3 * width, width), b + "attn.qkv.bias": rand(3 * width),
                   b + "attn.proj.weight": rand(width, width), b + "attn.proj.bias": rand(width),
-                  b + "norm2.weight": rand(width, scale=0.1, mean=1.0), b + "norm2.bias": rand(width, scale=0.1),
+                  b + "norm2.weight": rand(width, scale=0.1, mean=1.0),
+                  b + "norm2.bias": rand(width, scale=0.1),
                   b + "mlp.fc1.weight": rand(mlp, width), b + "mlp.fc1.bias": rand(mlp),
                   b + "mlp.fc2.weight": rand(width, mlp), b + "mlp.fc2.bias": rand(width)}
     state |= {"norm.weight": rand(width, scale=0.1, mean=1.0), "norm.bias": rand(width, scale=0.1)}
@@ -58,7 +61,8 @@ def reference_forward(state, pixels, heads):
     tokens (B, 1 + h*w, D) after the final LayerNorm (eps 1e-6, exact GELU)."""
     w = state["patch_embed.proj.weight"]
     D, patch = w.shape[0], w.shape[-1]
-    x = F.conv2d(pixels, w, state["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)  # (B, h*w, D)
+    x = F.conv2d(pixels, w, state["patch_embed.proj.bias"], stride=patch)  # (B, D, h, w)
+    x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
     x = torch.cat([state["cls_token"].expand(len(x), -1, -1), x], dim=1) + state["pos_embed"]  # (B, N, D)
     B, N, _ = x.shape
 
@@ -71,8 +75,9 @@ def reference_forward(state, pixels, heads):
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     for i in range(depth):
         b = f"blocks.{i}."
-        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-        attention = (qkv[0] @ qkv[1].transpose(-2, -1) * (D // heads) ** -0.5).softmax(dim=-1)  # (B, heads, N, N)
+        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, D // heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, D // heads)
+        attention = (qkv[0] @ qkv[1].transpose(-2, -1) * (D // heads) ** -0.5).softmax(dim=-1)
         x = x + lin((attention @ qkv[2]).transpose(1, 2).reshape(B, N, D), b + "attn.proj")
         x = x + lin(F.gelu(lin(ln(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
     return ln(x, "norm")
@@ -82,7 +87,8 @@ def write_lavis_checkpoint(path, visual_state, extra_model=None, **extra):
     """Save like BLIP/LAVIS: {"model": {"visual_encoder.*", other towers...}, ...run settings}."""
     model = {f"visual_encoder.{k}": v for k, v in visual_state.items()}
     # the rest of BLIP, which our loader must leave alone; visual_encoder_m is the momentum encoder
-    model |= {"visual_encoder_m.cls_token": torch.zeros(1, 1, 4), "text_encoder.embeddings.weight": torch.zeros(3, 4),
+    model |= {"visual_encoder_m.cls_token": torch.zeros(1, 1, 4),
+              "text_encoder.embeddings.weight": torch.zeros(3, 4),
               "vision_proj.weight": torch.zeros(2, 4), "temp": torch.tensor(0.07)}
     model |= extra_model or {}
     torch.save({"model": model, **extra}, path)
@@ -93,8 +99,8 @@ def write_lavis_checkpoint(path, visual_state, extra_model=None, **extra):
 def tiny_checkpoint(tmp_path):
     state = random_vit_state(**TINY)
     # BLIP's training scripts pickle their settings next to the weights; argparse.Namespace is allowed
-    return write_lavis_checkpoint(tmp_path / "model_tiny.pth", state, config=argparse.Namespace(image_size=32),
-                                  epoch=3), state
+    return write_lavis_checkpoint(tmp_path / "model_tiny.pth", state,
+                                  config=argparse.Namespace(image_size=32), epoch=3), state
 
 
 def test_blip_base_is_registered():
@@ -154,7 +160,8 @@ def test_load_backbone_by_name_reads_the_torch_hub_cache(tmp_path, monkeypatch):
      r"0 missing keys \(\), 1 unexpected \(visual_encoder\.head\.weight\)"),
     (lambda m: m.update({"visual_encoder.pos_embed": torch.zeros(1, 12, 64)}),  # 11 patches: no square grid
      "inconsistent BLIP ViT weights: .*position_embedding"),
-    (lambda m: [m.pop(k) for k in list(m) if k.startswith("visual_encoder.")], r"no visual_encoder\.\* weights"),
+    (lambda m: [m.pop(k) for k in list(m) if k.startswith("visual_encoder.")],
+     r"no visual_encoder\.\* weights"),
 ])
 def test_bad_checkpoints_fail_naming_the_file(tmp_path, change, message):
     path = tmp_path / "model_bad.pth"
@@ -183,7 +190,8 @@ def test_a_download_cut_short_is_named_with_what_to_do(tmp_path):
     whole = write_lavis_checkpoint(tmp_path / "whole.pth", random_vit_state(**TINY))
     cut = tmp_path / "model_base_capfilt_large.pth"
     cut.write_bytes(open(whole, "rb").read()[:-1000])  # as an interrupted transfer leaves it
-    with pytest.raises(ValueError, match=r"model_base_capfilt_large\.pth: damaged checkpoint .*Delete the file"):
+    with pytest.raises(ValueError,
+                       match=r"model_base_capfilt_large\.pth: damaged checkpoint .*Delete the file"):
         load_blip_vision(str(cut), num_heads=2)
 
 
@@ -233,7 +241,8 @@ def lavis_python():
 
 
 def comparison_images(tmp_path):
-    """A real photograph when coco-mini is around, and always a generated non-square one (the squash resize)."""
+    """A real photograph when coco-mini is around, and always a generated non-square one (the squash
+    resize)."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:181, 0:307]
     pixels = np.stack([x * 255 / 306, y * 255 / 180, 128 + 60 * np.sin(x / 9.0 + y / 13.0)], axis=-1)
@@ -250,9 +259,9 @@ def test_equals_lavis(size, tmp_path):
     python = lavis_python()
     if python is None:
         pytest.skip("needs LAVIS: python3.11 -m venv --system-site-packages /tmp/lavis-env && "
-                    "/tmp/lavis-env/bin/pip install wheel && /tmp/lavis-env/bin/pip install --no-build-isolation "
-                    "-r requirements-lavis.txt && LAVIS_PYTHON=/tmp/lavis-env/bin/python python -m pytest -s "
-                    "tests/test_blip.py")
+                    "/tmp/lavis-env/bin/pip install wheel && /tmp/lavis-env/bin/pip install "
+                    "--no-build-isolation -r requirements-lavis.txt && "
+                    "LAVIS_PYTHON=/tmp/lavis-env/bin/python python -m pytest -s tests/test_blip.py")
     spec = dict(TINY, base=False) if size == "tiny" else \
         {"image": 224, "patch": 16, "width": 768, "depth": 12, "heads": 12, "base": True}
     spec["images"] = comparison_images(tmp_path)
@@ -273,7 +282,8 @@ def test_equals_lavis(size, tmp_path):
                    "cls": (global_embedding - embeds[:, 0]).abs().max().item(),
                    "grid": (grid - lavis_grid).abs().max().item()}
     import transformers
-    print(f"\nblip {size} vs LAVIS ({len(pixels)} images, transformers {transformers.__version__} here, LAVIS in "
-          f"{python}): max abs difference " + ", ".join(f"{k} {v:.3g}" for k, v in differences.items()))
+    summary = ", ".join(f"{k} {v:.3g}" for k, v in differences.items())
+    print(f"\nblip {size} vs LAVIS ({len(pixels)} images, transformers {transformers.__version__} here, "
+          f"LAVIS in {python}): max abs difference {summary}")
     assert grid.shape == (len(pixels), spec["width"], side, side)
     assert all(value <= 1e-4 for value in differences.values()), differences

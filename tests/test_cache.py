@@ -1,5 +1,6 @@
-"""The embedding cache: built once, reused, never reused for another backbone, setting or image list; unreadable
-images listed and left out; a stopped build resumed; shares of the rows filled by several processes."""
+"""The embedding cache: built once, reused, never reused for another backbone, setting or image list;
+unreadable images listed and left out; a stopped build resumed; shares of the rows filled by several
+processes."""
 import json
 import os
 
@@ -93,7 +94,8 @@ def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_cl
     assert [(r["row"], r["cocoid"], r["path"]) for r in listed] == [(i, i, items[i].path) for i in (1, 2, 3)]
     assert "truncated" in listed[0]["error"].lower() and "cannot identify" in listed[1]["error"]
     assert "No such file" in listed[2]["error"]
-    warning = f"warning: 3 of 16 train images could not be read and are left out. The list: {meta['unreadable_file']}"
+    warning = (f"warning: 3 of 16 train images could not be read and are left out. "
+               f"The list: {meta['unreadable_file']}")
     assert warning in capsys.readouterr().out
     kept, view, _ = data.split_image_tokens(items, "train", name, 2, str(tmp_path), get_backbone=no_backbone)
     assert warning in capsys.readouterr().out  # reusing the cache says it again: never silent
@@ -103,7 +105,8 @@ def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_cl
     np.testing.assert_array_equal(view[[0, 1, 12]], tokens[[0, 4, 15]])  # item positions -> cache rows
     np.testing.assert_array_equal(view[1:3], tokens[4:6])
     readable = again[4:]
-    assert data.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable  # nothing to drop: no view
+    # nothing to drop: no view
+    assert data.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable
 
 
 def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_dir, tmp_path):
@@ -111,12 +114,13 @@ def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_
     for item in items:
         with open(item.path, "w") as f:
             f.write("not a picture")
-    with pytest.raises(ValueError, match=r"none of the 4 val images could be read \(the list: .*unreadable.json\); "
-                                         r"the first: .*000000000016.jpg: "):
+    with pytest.raises(ValueError, match=r"none of the 4 val images could be read "
+                                         r"\(the list: .*unreadable.json\); the first: .*000000000016.jpg: "):
         data.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
 
 
-def test_training_leaves_unreadable_images_out(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path, capsys):
+def test_training_leaves_unreadable_images_out(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
+                                               capsys):
     spoil(data.read_karpathy(tiny_dataset, "train"))
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                          "--max-epochs", "1"))
@@ -146,28 +150,33 @@ def counting(backbone, seen, stop_after_batches=None):
 def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_dir, tmp_path):
     items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
-    expected, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "a"), batch_size=4, num_workers=0)
+    expected, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "a"), batch_size=4,
+                                           num_workers=0)
     first, second = [], []
     with pytest.raises(Interrupt):  # stopped after two batches of four
-        data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=0,
-                                  get_backbone=lambda: counting(load_backbone(name), first, stop_after_batches=2))
+        data.cached_image_tokens(
+            items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=0,
+            get_backbone=lambda: counting(load_backbone(name), first, stop_after_batches=2))
     assert first == [4, 4]
     partial = [f for f in os.listdir(tmp_path / "b") if ".partial" in f]
     assert len(partial) == 3 and all(f.startswith(os.path.basename(data.TokenCache.of(
         items, "train", name, 2, str(tmp_path / "b")).stem)) for f in partial)  # named after the cache key
-    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "b"), batch_size=4,
-                                             num_workers=2, get_backbone=lambda: counting(load_backbone(name), second))
+    tokens, meta = data.cached_image_tokens(
+        items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=2,
+        get_backbone=lambda: counting(load_backbone(name), second))
     assert second == [4, 4]  # only the eight images not done before
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
-    assert meta["unreadable"] == [] and sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "a"))
+    assert meta["unreadable"] == []
+    assert sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "a"))
 
 
 def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
     items = data.read_karpathy(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     with pytest.raises(Interrupt):
-        data.cached_image_tokens(items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
-                                  get_backbone=lambda: counting(load_backbone(name), [], stop_after_batches=1))
+        data.cached_image_tokens(
+            items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
+            get_backbone=lambda: counting(load_backbone(name), [], stop_after_batches=1))
     cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
     with open(cache.path(".partial.npy"), "r+b") as f:
         f.truncate(200)
@@ -186,13 +195,15 @@ def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_di
     cache = data.TokenCache.of(items, "train", name, 2, str(tmp_path / "two"))
     backbone = load_backbone(name)
     data.prepare_token_cache(cache, backbone.width)  # rank 0, then a barrier
-    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=1, world_size=2) == 8
+    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=1,
+                                  world_size=2) == 8
     with pytest.raises(RuntimeError, match="8 of 16 images are not embedded yet"):
         data.publish_token_cache(cache, items, backbone.preprocessing)
-    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=0, world_size=2) == 8
+    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=0,
+                                  world_size=2) == 8
     data.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
-    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"), rank=1, world_size=2,
-                                             get_backbone=no_backbone)
+    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"), rank=1,
+                                             world_size=2, get_backbone=no_backbone)
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
     assert {k: v for k, v in meta.items() if "unreadable_file" != k} == \
         {k: v for k, v in expected_meta.items() if "unreadable_file" != k}
@@ -203,7 +214,8 @@ def test_the_precision_is_part_of_the_key_and_cpu_stays_fp32(tiny_dataset):
     assert [embedding_precision(d, p) for d, p in [("cpu", "16"), ("cpu", "bf16"), ("cuda", "16"),
                                                          ("cuda:1", "bf16"), ("cuda", "32")]] == \
         ["32", "32", "16", "bf16", "32"]
-    keys = {data.TokenCache.of(items, "val", "efficientnet-lite0", 3, "c", p).key for p in ("32", "16", "bf16")}
+    keys = {data.TokenCache.of(items, "val", "efficientnet-lite0", 3, "c", precision).key
+            for precision in ("32", "16", "bf16")}
     assert len(keys) == 3
     with pytest.raises(ValueError, match="precision must be 32, 16 or bf16, not 'fp16'"):
         embedding_precision("cpu", "fp16")
@@ -225,8 +237,8 @@ def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_data
 def test_a_moved_data_folder_keeps_its_cache(tiny_dataset, tiny_clip_dir, tmp_path):
     import shutil
     name = f"clip:{tiny_clip_dir}"
-    tokens, _ = data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", name, 2, str(tmp_path / "c"),
-                                         num_workers=0)
+    tokens, _ = data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", name, 2,
+                                         str(tmp_path / "c"), num_workers=0)
     moved = shutil.move(tiny_dataset, str(tmp_path / "elsewhere"))
     again, _ = data.cached_image_tokens(data.read_karpathy(moved, "val"), "val", name, 2, str(tmp_path / "c"),
                                         get_backbone=no_backbone)

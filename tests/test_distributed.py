@@ -19,9 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def argv(data, decoder, clip, out, cache, batch_size, accumulate):
     return ["--data-dir", data, "--vision-backbone", f"clip:{clip}", "--language-model", decoder,
             "--image-grid", "1", "--out-dir", str(out), "--cache-dir", str(cache), "--one-caption-per-image",
-            "--batch-size", str(batch_size), "--accumulate-grad-batches", str(accumulate), "--max-epochs", "2",
-            "--lr", "1e-3", "--precision", "32", "--device", "cpu", "--log-interval", "1", "--num-workers", "0",
-            "--max-length", "6", "--max-caption-tokens", "12", "--checkpoint-every", "0"]
+            "--batch-size", str(batch_size), "--accumulate-grad-batches", str(accumulate),
+            "--max-epochs", "2", "--lr", "1e-3", "--precision", "32", "--device", "cpu",
+            "--log-interval", "1", "--num-workers", "0", "--max-length", "6", "--max-caption-tokens", "12",
+            "--checkpoint-every", "0"]
 
 
 def read_log(out):
@@ -34,7 +35,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_clip_dir):
     # processes of 4 x 2, each takes 8 of the first window (two micro-batches, one gradient all-reduce) and
     # in the second window rank 1 has nothing and joins the all-reduce with a zero-weight batch.
     data = write_dataset(tmp_path / "data", splits=(("train", 17), ("val", 4), ("test", 2)))
-    decoder = make_small_decoder(str(tmp_path / "decoder"), layers=1, width=32, heads=2, positions=32, dropout=0.0)
+    decoder = make_small_decoder(str(tmp_path / "decoder"), layers=1, width=32, heads=2, positions=32,
+                                 dropout=0.0)
     one, two = tmp_path / "one", tmp_path / "two"
     parser = train.get_args_parser()
     args = parser.parse_args(argv(data, decoder, tiny_clip_dir, one, tmp_path / "cache-one", 8, 2))
@@ -43,7 +45,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_clip_dir):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "train.py"), *argv(data, decoder, tiny_clip_dir, two, tmp_path / "cache-two", 4, 2)]
+               os.path.join(REPO, "train.py"),
+               *argv(data, decoder, tiny_clip_dir, two, tmp_path / "cache-two", 4, 2)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "effective batch 4 x 2 x 2 processes = 16 captions; 2 optimizer steps per epoch" in result.stdout

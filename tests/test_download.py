@@ -19,8 +19,9 @@ from conftest import write_dataset
 
 @pytest.fixture
 def serve():
-    """serve(files, ignore_range=False, cut_first_at=None) -> (base URL, requests seen as (path, Range header)).
-    Answers Range requests with 206 unless told to ignore them; can break the first transfer off part way."""
+    """serve(files, ignore_range=False, cut_first_at=None) -> (base URL, requests seen as (path, Range
+    header)). Answers Range requests with 206 unless told to ignore them; can break the first transfer off
+    part way."""
     servers = []
 
     def start(files, ignore_range=False, cut_first_at=None):
@@ -107,7 +108,8 @@ def test_a_corrupt_download_is_rejected_and_not_left_in_place(serve, tmp_path):
 
 def test_a_file_of_another_size_is_refused_before_it_is_fetched(serve, tmp_path):
     base, _ = serve({"/f.zip": BODY + b"more"})
-    with pytest.raises(coco.DownloadError, match="the server's file has 200,004 bytes, the published one 200,000"):
+    with pytest.raises(coco.DownloadError,
+                       match="the server's file has 200,004 bytes, the published one 200,000"):
         coco.download_file(f"{base}/f.zip", str(tmp_path / "f.zip"), len(BODY), SHA)
     (tmp_path / "g.zip").write_bytes(BODY[:10])  # an incomplete copy put in place by hand
     with pytest.raises(coco.DownloadError, match="g.zip: 10 bytes, but the published file has 200000"):
@@ -116,12 +118,14 @@ def test_a_file_of_another_size_is_refused_before_it_is_fetched(serve, tmp_path)
 
 def test_without_network_the_error_gives_the_urls_and_the_manual_steps(tmp_path, monkeypatch):
     for name in coco.COCO_DOWNLOADS:
-        monkeypatch.setitem(coco.COCO_DOWNLOADS, name, {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
+        monkeypatch.setitem(coco.COCO_DOWNLOADS, name,
+                            {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
     data = tmp_path / "coco"
     with pytest.raises(coco.DownloadError) as error:
         coco.prepare_coco(str(data))
     message = str(error.value)
-    assert "caption_datasets.zip: cannot connect" in message and "To set the data up by hand, download" in message
+    assert "caption_datasets.zip: cannot connect" in message
+    assert "To set the data up by hand, download" in message
     for name, spec in coco.COCO_DOWNLOADS.items():
         assert f"{spec['url']}  ({spec['size'] / 1e9:.2f} GB)  ->  {data / name}" in message
     assert "only dataset_coco.json is needed" in message and "extracted to train2014/ and val2014/" in message
@@ -161,20 +165,23 @@ def test_prepare_coco_downloads_what_is_missing_and_nothing_more(serve, tmp_path
                                                          "sha256": hashlib.sha256(data).hexdigest()})
     data = tmp_path / "coco"
     coco.prepare_coco(str(data))
-    assert sorted(os.listdir(data)) == ["caption_datasets.zip", "dataset_coco.json", "train2014.zip", "val2014.zip"]
-    assert (data / "dataset_coco.json").read_bytes() == (tmp_path / "source" / "dataset_coco.json").read_bytes()
+    assert sorted(os.listdir(data)) == ["caption_datasets.zip", "dataset_coco.json", "train2014.zip",
+                                        "val2014.zip"]
+    source = tmp_path / "source" / "dataset_coco.json"
+    assert (data / "dataset_coco.json").read_bytes() == source.read_bytes()
     assert sorted(path for path, _ in requests) == ["/caption_datasets.zip", "/train2014.zip", "/val2014.zip"]
     coco.prepare_coco(str(data))  # everything there: no request
     (data / "train2014.zip").unlink()
     (data / "train2014").mkdir()  # an extracted folder does as well as the zip
-    (data / "val2014.zip").rename(data / "val2014.zip.part")  # as if it had been cut short... at its full size
+    (data / "val2014.zip").rename(data / "val2014.zip.part")  # as if cut short... at its full size
     coco.prepare_coco(str(data))
     assert len(requests) == 3 and (data / "val2014.zip").read_bytes() == archives["val2014.zip"]
 
 
 def test_a_dataset_with_its_own_images_downloads_nothing(tiny_dataset, tmp_path, monkeypatch):
     for name in coco.COCO_DOWNLOADS:  # any download attempt would fail loudly
-        monkeypatch.setitem(coco.COCO_DOWNLOADS, name, {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
+        monkeypatch.setitem(coco.COCO_DOWNLOADS, name,
+                            {**coco.COCO_DOWNLOADS[name], "url": closed_port_url(name)})
     coco.prepare_coco(tiny_dataset)  # dataset_coco.json names only images/
     assert train.get_args_parser().parse_args([]).download
     assert not train.get_args_parser().parse_args(["--no-download"]).download
@@ -198,10 +205,12 @@ def test_images_read_from_zips_give_the_tokens_of_the_same_images_in_folders(tin
         with zipfile.ZipFile(zipped / f"{folder}.zip") as archive:
             info = archive.getinfo(from_zips[0].source.member)
         assert (from_zips[0].source.zip_size, from_zips[0].source.zip_crc) == (info.file_size, info.CRC)
-        expected, _ = coco.cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"), num_workers=0)
+        expected, _ = coco.cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"),
+                                               num_workers=0)
         for workers in (0, 2):  # each worker opens its own ZipFile
-            tokens, meta = coco.cached_image_tokens(from_zips, split, name, 2, str(tmp_path / f"cache{workers}"),
-                                                     batch_size=3, num_workers=workers)
+            tokens, meta = coco.cached_image_tokens(from_zips, split, name, 2,
+                                                     str(tmp_path / f"cache{workers}"), batch_size=3,
+                                                     num_workers=workers)
             assert meta["unreadable"] == []
             np.testing.assert_array_equal(np.array(tokens), np.array(expected))
 
@@ -222,8 +231,10 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
     changed = coco.read_karpathy(root, "val")
     assert coco.TokenCache.of(changed, "val", "x", 2, str(tmp_path)).key != key
     assert changed[1].source.zip_size == -1
-    _, meta = coco.cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
-    assert meta["unreadable"] == [1] and meta["unreadable_images"][0]["error"].startswith("FileNotFoundError: no val2014/")
+    _, meta = coco.cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path),
+                                       num_workers=0)
+    assert meta["unreadable"] == [1]
+    assert meta["unreadable_images"][0]["error"].startswith("FileNotFoundError: no val2014/")
 
 
 def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
@@ -231,9 +242,11 @@ def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
     karpathy_coco(root)
     shutil.rmtree(os.path.join(root, "train2014"))
     os.remove(os.path.join(root, "train2014.zip"))
-    with pytest.raises(FileNotFoundError, match=r"data/train2014: no such folder, and no train2014.zip beside it"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"data/train2014: no such folder, and no train2014.zip beside it"):
         coco.read_karpathy(root, "train")
     with open(os.path.join(root, "train2014.zip"), "wb") as f:
         f.write(b"PK not really")
-    with pytest.raises(ValueError, match=r"train2014.zip: not a readable zip archive .* Delete it and run again"):
+    with pytest.raises(ValueError,
+                       match=r"train2014.zip: not a readable zip archive .* Delete it and run again"):
         coco.read_karpathy(root, "train")

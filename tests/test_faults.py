@@ -1,6 +1,7 @@
-"""What a hostile user tried, case by case: bad datasets, bad images, bad flags, bad model files, two runs at once,
-signals, a full or read-only disk. Each case asserts the outcome: the exit code, the one-line message (never a
-traceback), and what is left on disk. `python -m pytest tests/test_faults.py -q -rA` reads as the table."""
+"""What a hostile user tried, case by case: bad datasets, bad images, bad flags, bad model files, two runs at
+once, signals, a full or read-only disk. Each case asserts the outcome: the exit code, the one-line message
+(never a traceback), and what is left on disk. `python -m pytest tests/test_faults.py -q -rA` reads as the
+table."""
 import errno
 import json
 import os
@@ -49,7 +50,8 @@ def edit_dataset(root, change):
 
 @pytest.fixture
 def run(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
-    """run(*extra) -> train.py's argv for the tiny dataset, writing to tmp_path/out with its cache in tmp_path/cache."""
+    """run(*extra) -> train.py's argv for the tiny dataset, writing to tmp_path/out with its cache in
+    tmp_path/cache."""
     return lambda *extra: train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out",
                                      tmp_path / "cache", *extra)
 
@@ -61,10 +63,11 @@ def test_val_image_without_captions_is_left_out_and_the_epoch_is_kept(run, tiny_
     result = script("train.py", *run("--max-epochs", "1"))
     assert result.returncode == 0
     assert "1 val images have no caption and are left out (cocoids [16])" in result.stdout
-    assert os.path.isfile(tmp_path / "out" / "model.pt") and os.path.isfile(tmp_path / "out" / "checkpoint.pt")
-    evaluated = script("evaluate.py", "--checkpoint", tmp_path / "out" / "model.pt", "--data-dir", tiny_dataset,
-                       "--split", "val", "--cache-dir", tmp_path / "cache", "--device", "cpu", "--num-workers", "0",
-                       "--gallery", "0")
+    assert os.path.isfile(tmp_path / "out" / "model.pt")
+    assert os.path.isfile(tmp_path / "out" / "checkpoint.pt")
+    evaluated = script("evaluate.py", "--checkpoint", tmp_path / "out" / "model.pt",
+                       "--data-dir", tiny_dataset, "--split", "val", "--cache-dir", tmp_path / "cache",
+                       "--device", "cpu", "--num-workers", "0", "--gallery", "0")
     assert evaluated.returncode == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["images"] == 3
 
@@ -105,8 +108,8 @@ def test_a_fifo_is_listed_as_unreadable_instead_of_hanging_the_run(run, tiny_dat
     os.mkfifo(fifo)
     result = script("train.py", *run("--max-epochs", "1"), timeout=120)
     assert result.returncode == 0
-    listed = json.load(open(next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".unreadable.json")
-                                 and p.name.startswith("train"))))
+    listed = json.load(open(next(p for p in (tmp_path / "cache").iterdir()
+                                 if p.name.endswith(".unreadable.json") and p.name.startswith("train"))))
     assert [(r["cocoid"], r["error"]) for r in listed] == [(3, f"ValueError: {fifo}: cannot read this image "
                                                                f"(not a regular file)")]
 
@@ -120,17 +123,18 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
         load_image(tmp_path / "bomb.png")
 
 
-def test_one_bad_image_costs_the_cli_nothing_but_its_own_caption(small_decoder_dir, tiny_clip_dir, tiny_dataset,
-                                                                  tmp_path):
+def test_one_bad_image_costs_the_cli_nothing_but_its_own_caption(small_decoder_dir, tiny_clip_dir,
+                                                                  tiny_dataset, tmp_path):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
     save_model(str(tmp_path / "model.pt"), model, tokenizer, backbone.preprocessing)
     good = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(3)]
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
-    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4", "--batch-size", "2",
-                    good[0], tmp_path / "bad.jpg", good[1], good[2])
+    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4",
+                    "--batch-size", "2", good[0], tmp_path / "bad.jpg", good[1], good[2])
     assert result.returncode == 1
-    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == good  # every line is path<TAB>caption
+    # every line is path<TAB>caption
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == good
     assert f"{tmp_path / 'bad.jpg'}: cannot read this image" in result.stderr
     assert last_error(result) == "error: 1 of 4 images could not be read"
 
@@ -138,10 +142,12 @@ def test_one_bad_image_costs_the_cli_nothing_but_its_own_caption(small_decoder_d
 def test_the_cli_keeps_stdout_for_captions_with_efficientnet(small_decoder_dir, tiny_dataset, tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     model, tokenizer = build_model(small_decoder_dir, "efficientnet-lite0", image_width=1280, image_grid=1)
-    save_model(str(tmp_path / "model.pt"), model, tokenizer, load_backbone("efficientnet-lite0").preprocessing)
+    preprocessing = load_backbone("efficientnet-lite0").preprocessing
+    save_model(str(tmp_path / "model.pt"), model, tokenizer, preprocessing)
     image = os.path.join(tiny_dataset, "images", "000000000000.jpg")
     result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4", image)
-    assert result.returncode == 0 and result.stdout.startswith(f"{image}\t") and len(result.stdout.splitlines()) == 1
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{image}\t") and len(result.stdout.splitlines()) == 1
 
 
 # ---- bad flags ----
@@ -174,7 +180,8 @@ def test_a_missing_language_model_folder_is_named(run, tmp_path):
     argv[argv.index("--language-model") + 1] = str(tmp_path / "no-such-model")
     result = script("train.py", *argv)
     assert result.returncode == 1
-    assert last_error(result).startswith(f"error: {tmp_path / 'no-such-model'}: cannot load this language model")
+    assert last_error(result).startswith(f"error: {tmp_path / 'no-such-model'}: "
+                                        f"cannot load this language model")
 
 
 # ---- hostile model files ----
@@ -238,8 +245,8 @@ def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_at_the_step_and_resume_goes_on(run, tmp_path, signum):
     argv = run("--max-epochs", "40")
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     while "step 2/" not in process.stdout.readline():  # training is under way
         assert process.poll() is None, process.stderr.read()
     process.send_signal(signum)
@@ -253,7 +260,8 @@ def test_a_signal_saves_a_checkpoint_at_the_step_and_resume_goes_on(run, tmp_pat
     assert checkpoint["state"]["step"] == step == max(r["step"] for r in read_log(tmp_path / "out"))
     result = script("train.py", *argv[:argv.index("--max-epochs")], "--max-epochs", "1", *argv[argv.index(
         "--max-epochs") + 2:], "--resume", "--stop-after-steps", "1")
-    assert result.returncode == 0 and f"resuming at epoch {checkpoint['state']['epoch']}, step {step}" in result.stdout
+    assert result.returncode == 0
+    assert f"resuming at epoch {checkpoint['state']['epoch']}, step {step}" in result.stdout
 
 
 def test_orphan_temporary_files_from_a_killed_save_are_removed(run, tmp_path):
@@ -286,7 +294,8 @@ def test_a_read_only_out_dir_is_found_before_anything_is_built(run, tmp_path, mo
             raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(SystemExit, match="out: cannot write here \\(Read-only file system\\); choose another"):
+    with pytest.raises(SystemExit,
+                       match="out: cannot write here \\(Read-only file system\\); choose another"):
         run_train(run())
     assert not os.path.exists(tmp_path / "cache")
 
@@ -299,7 +308,8 @@ def test_a_read_only_cache_dir_is_named(run, tiny_dataset, tiny_clip_dir, tmp_pa
             raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(OSError, match="cache: cannot write the embedding cache here \\(Read-only file system\\)"):
+    with pytest.raises(OSError,
+                       match="cache: cannot write the embedding cache here \\(Read-only file system\\)"):
         data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", f"clip:{tiny_clip_dir}", 2,
                                  str(tmp_path / "cache"), num_workers=0)
 
@@ -324,8 +334,8 @@ def kill_at(patch: str, argv) -> subprocess.CompletedProcess:
     code = ("import os, signal, sys, runpy\n" + patch +
             f"\nsys.argv = ['train.py'] + {list(map(str, argv))!r}\n"
             f"runpy.run_path({os.path.join(REPO, 'train.py')!r}, run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=180,
-                            cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                            timeout=180, cwd=REPO)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     return result
 
@@ -350,10 +360,11 @@ def test_kill_9_while_saving_a_checkpoint_keeps_the_previous_one(run, tmp_path):
 
 def test_kill_9_while_training_resumes_from_the_last_checkpoint(run, tmp_path):
     argv = run("--checkpoint-every", "2", "--max-epochs", "1")
+    # 3 micro-batches a step: the 7th forward is in step 3
     kill_at("import captioner\nreal = captioner.CaptionModel.forward\ncalls = []\n"
             "def dying(*a, **k):\n"
             "    calls.append(1)\n"
-            "    if len(calls) == 7: os.kill(os.getpid(), signal.SIGKILL)  # 3 micro-batches a step: in step 3\n"
+            "    if len(calls) == 7: os.kill(os.getpid(), signal.SIGKILL)\n"
             "    return real(*a, **k)\n"
             "captioner.CaptionModel.forward = dying", argv)
     out = tmp_path / "out"

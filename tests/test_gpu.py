@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("precision", ["16", "bf16"])
-def test_mixed_precision_training_learns_on_gpu(precision, tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
+def test_mixed_precision_training_learns_on_gpu(precision, tiny_dataset, small_decoder_dir, tiny_clip_dir,
+                                                tmp_path):
     argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                       "--max-epochs", "6", "--lr", "3e-3")
     argv[argv.index("--device") + 1] = "cuda"

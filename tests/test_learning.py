@@ -28,7 +28,8 @@ def test_a_small_decoder_learns_to_caption_real_photographs(tmp_path):
     cache = os.environ.get("CAPTIONER_TEST_CACHE", str(tmp_path / "cache"))
     run_train(["--data-dir", COCO_MINI, "--vision-backbone", "efficientnet-lite0", "--image-grid", "3",
                "--language-model", decoder, "--lr", "1e-3", "--max-epochs", "2", "--precision", "32",
-               "--device", "cpu", "--cache-dir", cache, "--out-dir", str(tmp_path / "out"), "--log-interval", "40"])
+               "--device", "cpu", "--cache-dir", cache, "--out-dir", str(tmp_path / "out"),
+               "--log-interval", "40"])
 
     model, tokenizer, _ = load_model(str(tmp_path / "out" / "model.pt"))
     items = data.read_karpathy(COCO_MINI, "val")

@@ -65,12 +65,14 @@ def test_non_finite_loss_aborts_with_a_clear_message(tiny_dataset, small_decoder
         return logits, None if loss is None else loss * float("nan")
     monkeypatch.setattr(CaptionModel, "forward", nan_loss)
     with pytest.raises(SystemExit, match="training loss is nan at step 0"):
-        run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache"))
+        run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out",
+                             tmp_path / "cache"))
     assert not os.path.exists(tmp_path / "out" / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--vision-backbone", "resnet"], "unknown vision backbone 'resnet'; available backbones: blip:base, efficientnet-lite0"),
+    (["--vision-backbone", "resnet"],
+     "unknown vision backbone 'resnet'; available backbones: blip:base, efficientnet-lite0"),
     (["--vision-backbone", "blip:coco"], "blip:coco: BLIP ViT-B/16 fine-tuned"),  # named, not there yet
     (["--vision-backbone", "efficientnet-lite0", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--vision-backbone", "efficientnet-lite0", "--grad-clip", "0"], "--lr and --grad-clip must be > 0"),
@@ -96,7 +98,8 @@ def test_accumulated_gradient_equals_the_one_big_batch(small_decoder_dir):
         model.zero_grad(set_to_none=True)
         batches, start = [], 0
         for size in split:
-            batches.append(train.make_batch(pairs[start:start + size], captions, image_tokens, tokenizer.eos_token_id))
+            batches.append(train.make_batch(pairs[start:start + size], captions, image_tokens,
+                                            tokenizer.eos_token_id))
             start += size
         loss, tokens = train.accumulate_gradients(model, batches, scaler, processes, "32")
         return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -158,7 +161,8 @@ def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
         data.read_karpathy(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "val", "filename": "a.jpg",
                                                                          "sentences": [{"raw": "x"}]}]}))
-    with pytest.raises(ValueError, match=r"split 'train' has no images with captions \(splits present: \['val'\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"split 'train' has no images with captions \(splits present: \['val'\]\)"):
         data.read_karpathy(str(tmp_path), "train")
 
 
@@ -180,10 +184,11 @@ def test_negative_step_counts_are_refused(flag, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_finished_run_can_be_trained_for_more_epochs(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
-                                                       capsys):
+def test_a_finished_run_can_be_trained_for_more_epochs(tiny_dataset, small_decoder_dir, tiny_clip_dir,
+                                                       tmp_path, capsys):
     argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache")
-    run_train(argv[:argv.index("--max-epochs")] + ["--max-epochs", "1"] + argv[argv.index("--max-epochs") + 2:])
+    at = argv.index("--max-epochs")
+    run_train(argv[:at] + ["--max-epochs", "1"] + argv[at + 2:])
     run_train(argv + ["--resume"])  # --max-epochs 2 now
     assert "--max-epochs 1 -> 2: the LR schedule is recomputed for 6 steps" in capsys.readouterr().out
     log = read_log(tmp_path / "out")
@@ -196,8 +201,10 @@ def test_dying_between_the_epoch_record_and_the_checkpoint_logs_the_epoch_once(
     argv = train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                       "--max-epochs", "1")
     run_train(argv + ["--stop-after-steps", "3"])  # the epoch's last step: checkpoint before validation
-    with open(tmp_path / "out" / "log.jsonl", "a") as f:  # validation logged, then killed before the checkpoint
-        f.write(json.dumps({"type": "epoch", "epoch": 0, "step": 3, "val_loss": 9.0, "val_bleu4": 0.0}) + "\n")
+    # validation logged, then killed before the checkpoint
+    with open(tmp_path / "out" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"type": "epoch", "epoch": 0, "step": 3, "val_loss": 9.0, "val_bleu4": 0.0})
+                + "\n")
     run_train(argv + ["--resume"])
     epochs = [r for r in read_log(tmp_path / "out") if r["type"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_loss"] != 9.0
@@ -235,7 +242,8 @@ def test_tokens_gathered_on_the_device_equal_the_host_batch():
 
 def test_the_fast_path_and_the_original_settings_take_the_same_step(small_decoder_dir):
     """Fused AdamW on one 8-caption micro-batch against the original's unfused AdamW on 2 x 4."""
-    captions = [[[int(t) for t in torch.randint(0, 50000, (n,))] + [50256]] for n in (3, 8, 5, 12, 2, 7, 4, 9)]
+    captions = [[[int(t) for t in torch.randint(0, 50000, (n,))] + [50256]]
+                for n in (3, 8, 5, 12, 2, 7, 4, 9)]
     tokens = np.random.default_rng(0).standard_normal((8, 2, 6)).astype(np.float16)
     pairs = [(i, 0) for i in range(8)]
     processes = train.Processes(rank=0, world_size=1, device="cpu")
