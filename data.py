@@ -173,8 +173,9 @@ def _fetch(url: str, part: str, have: int, size: int):
         if length is not None and have + int(length) != size:
             raise DownloadError(f"{url}: the server's file has {have + int(length):,} bytes, the published "
                                 f"one {size:,}; has it changed? (see COCO_DOWNLOADS in data.py)")
-        bar = tqdm(total=size, initial=have, desc=os.path.basename(part)[:-len(".part")], **BYTES_BAR)
-        with open(part, "ab" if have else "wb") as f, bar:
+        name = os.path.basename(part)[:-len(".part")]
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=size, initial=have, desc=name, **BYTES_BAR) as bar:
             while True:
                 try:
                     chunk = response.read(1 << 20)
