@@ -548,9 +548,10 @@ def get_args_parser():
     add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
         help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; "
              "32: fp32 (TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
-    add("--bucket-windows", type=int, default=50,
+    add("--bucket-windows", type=int, default=0,
         help="sort the captions by length within chunks of this many optimizer steps, so that micro-batches "
-             "carry little padding (0: plain shuffle, as the original)")
+             "carry little padding (0: the plain shuffle; 50 cut coco-mini's padding from 49%% to 3%% but "
+             "also its val BLEU-4 after 3 epochs, from 0.099 to 0.069)")
     add("--tokens-on-device", action=argparse.BooleanOptionalAction, default=None,
         help="keep the splits' image tokens in GPU memory and gather batches there (default: on CUDA)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False,
