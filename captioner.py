@@ -916,5 +916,5 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
         main(args)
-    except (ArchiveError, FileNotFoundError, ValueError) as e:
+    except (ArchiveError, OSError, ValueError) as e:  # OSError: no network for a backbone's weights, say
         raise SystemExit(f"error: {e}")
