@@ -286,14 +286,19 @@ def test_a_full_disk_keeps_the_last_checkpoint_whole(run, tmp_path, monkeypatch)
     assert [f for f in os.listdir(tmp_path / "out") if "tmp" in f] == []
 
 
-def test_a_read_only_out_dir_is_found_before_anything_is_built(run, tmp_path, monkeypatch):
+def make_read_only(folder, monkeypatch):
+    """Every os.open below `folder` fails as on a read-only file system (root ignores chmod)."""
     real_open = os.open
 
     def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "out")):
+        if str(path).startswith(str(folder)):
             raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
+
+
+def test_a_read_only_out_dir_is_found_before_anything_is_built(run, tmp_path, monkeypatch):
+    make_read_only(tmp_path / "out", monkeypatch)
     with pytest.raises(SystemExit,
                        match="out: cannot write here \\(Read-only file system\\); choose another"):
         run_train(run())
@@ -301,13 +306,7 @@ def test_a_read_only_out_dir_is_found_before_anything_is_built(run, tmp_path, mo
 
 
 def test_a_read_only_cache_dir_is_named(run, tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch):
-    real_open = os.open
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "cache")):
-            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(os, "open", read_only)
+    make_read_only(tmp_path / "cache", monkeypatch)
     with pytest.raises(OSError,
                        match="cache: cannot write the embedding cache here \\(Read-only file system\\)"):
         data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", f"clip:{tiny_clip_dir}", 2,
