@@ -443,6 +443,8 @@ def load_model(path: str):
     """Read a model archive -> (model on CPU in eval mode, tokenizer, archive dict)."""
     archive = safe_torch_load(path, ARCHIVE_FORMAT)
     try:
+        if not all(isinstance(archive.get(key), dict) for key in ("preprocessing", "metadata")):
+            raise KeyError("preprocessing or metadata")
         config = CaptionerConfig(**archive["config"])
         with torch.device("meta"):  # shapes only: a config that asks for a huge model costs no memory
             shapes = {k: tuple(v.shape) for k, v in CaptionModel(config).state_dict().items()}
@@ -805,6 +807,8 @@ def preprocess_image(image, preprocessing: dict) -> torch.Tensor:
     else:  # "shorter_side_then_center_crop", as CLIP preprocesses
         scale = size / min(image.size)
         width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        if width * height > MAX_IMAGE_PIXELS:  # a 40,000,000 x 1 picture would ask for 9e9 x 224 pixels
+            raise ValueError(f"{image.width} x {image.height} pixels: too elongated to resize")
         image = image.resize((width, height), Image.BICUBIC)
         left, top = (width - size) // 2, (height - size) // 2
         image = image.crop((left, top, left + size, top + size))

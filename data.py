@@ -296,15 +296,14 @@ def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
 
 
 def _inside(data_dir: str, folder: str, filename: str) -> bool:
-    """Whether folder/filename (from the split file, so untrusted) names a file inside data_dir: relative, no
-    '..', and no symbolic link leading out."""
+    """Whether folder/filename (from the split file, so untrusted) stays inside data_dir: relative, without
+    '..' or a NUL. Symbolic links are the data folder owner's own choice (train2014 -> /datasets/...): the
+    split file cannot make one, so they are followed."""
     if not isinstance(folder, str) or not isinstance(filename, str) or not filename:
         raise TypeError("filepath/filename")
     relative = os.path.join(folder, filename)
-    if os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
-        return False
-    root = os.path.realpath(data_dir)
-    return os.path.commonpath([root, os.path.realpath(os.path.join(root, relative))]) == root
+    return not (os.path.isabs(relative) or "\0" in relative
+                or ".." in relative.replace("\\", "/").split("/"))
 
 
 def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> ImageSource:
@@ -505,7 +504,12 @@ def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cp
 
 
 def _load_or_build(cache, items, device, batch_size, num_workers, get_backbone, rank, world_size, barrier):
-    loaded = load_token_cache(cache, say=rank == 0)
+    # Rank 0 looks first, holding the lock, so no other run can publish or remove the cache meanwhile: the
+    # other ranks, looking after it, see what it saw, and all take the same path through the barriers.
+    loaded = load_token_cache(cache) if rank == 0 else None
+    barrier()
+    if rank != 0:
+        loaded = load_token_cache(cache, say=False)
     if loaded is not None:
         return loaded
     if rank != 0:

@@ -308,7 +308,7 @@ def main(args):
     model.to(device).eval()
     config = model.config
     all_items = read_karpathy(args.data_dir, args.split)
-    # The backbone runs as it did for the training images (fp16 autocast on CUDA, by default). An image that
+    # The backbone runs as it did for the training images (the run's recorded precision). An image that
     # cannot be read has no caption to score: it is left out, named in meta["unreadable_file"] and counted in
     # metrics.json, so that a figure on fewer images is never mistaken for the full split.
     items, image_tokens, meta = split_image_tokens(

@@ -88,7 +88,11 @@ class Processes:
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Seeded by a hash of (seed, epoch): no two pairs share an order, as seed * 1000 + epoch would."""
-    digest = hashlib.sha256(f"epoch order {seed} {epoch}".encode()).digest()
+    return seeded_generator("epoch order", seed, epoch)
+
+
+def seeded_generator(purpose: str, seed: int, epoch: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{purpose} {seed} {epoch}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
@@ -118,7 +122,8 @@ def epoch_windows(captions, epoch: int, args, world_size: int = 1) -> list[list[
                  for pair in sorted(pairs[start:start + chunk], key=lambda p: len(captions[p[0]][p[1]]))]
     windows = [pairs[i:i + size] for i in range(0, len(pairs), size)]
     if args.bucket_windows:  # the short last window stays last, as in the plain order
-        order = torch.randperm(len(windows) - 1, generator=epoch_generator(args.seed, epoch)).tolist()
+        generator = seeded_generator("window order", args.seed, epoch)  # not the pairs' generator again
+        order = torch.randperm(len(windows) - 1, generator=generator).tolist()
         windows = [windows[k] for k in order] + windows[-1:]
     return windows
 
@@ -228,17 +233,18 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
     return window_loss / processes.world_size, window_tokens
 
 
-def optimizer_step(optimizer, scaler, loss):
-    """Step, unless the loss (or, in fp16, a gradient) is not finite, decided on the device: the host never
-    waits for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol);
-    the fp16 scaler sets it itself. Other optimizers check on the host."""
+def optimizer_step(optimizer, scaler, loss, grad_norm=None):
+    """Step, unless the loss or the gradient norm is not finite, decided on the device: the host never waits
+    for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol); the fp16
+    scaler sets it itself from the gradients. Other optimizers check on the host."""
+    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
     if scaler.is_enabled():
         scaler.step(optimizer)
     elif optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~torch.isfinite(loss)).float()
+        optimizer.found_inf = (~finite).float()
         optimizer.step()
         del optimizer.found_inf
-    elif math.isfinite(float(loss)):
+    elif bool(finite):
         optimizer.step()
     scaler.update()
 
@@ -288,7 +294,7 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer_step(optimizer, scaler, loss)
+        optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
@@ -450,16 +456,21 @@ def trim_log(log_path: str, state: TrainState):
 def out_dir_lock(out_dir: str):
     """One run per --out-dir: a second one is refused at once, naming the first. Also finds a read-only
     --out-dir before anything is built, and removes what a killed save left behind."""
+    lock_path = os.path.join(out_dir, ".lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with file_lock(os.path.join(out_dir, ".lock"), out_dir, wait=False):
-            remove_orphans(out_dir)
-            yield
-    except LockedError as e:
-        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
-    except PermissionError as e:
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666))
+    except OSError as e:  # PermissionError, or EROFS on a read-only file system
         raise SystemExit(f"error: {out_dir}: cannot write here ({e.strerror}); choose another "
                          f"--out-dir") from None
+    held = contextlib.ExitStack()  # entered here, so that only taking the lock is caught below, not the run
+    try:
+        held.enter_context(file_lock(lock_path, out_dir, wait=False))
+    except LockedError as e:
+        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
+    with held:
+        remove_orphans(out_dir)
+        yield
 
 
 class StopRequest:
@@ -481,8 +492,9 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop at "
-              f"once)", flush=True)
+        # os.write, not print: a handler that prints while the main thread prints raises "reentrant call"
+        os.write(2, f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop "
+                    f"at once)\n".encode())
 
     def requested(self) -> bool:
         """Whether to stop now; with several processes, all stop together (a collective: call it on all)."""
@@ -518,7 +530,8 @@ def get_args_parser():
     add("--data-dir", default="data/coco",
         help="folder with a Karpathy-format dataset_coco.json and its images")
     add("--cache-dir", default=None, help="where image embeddings are cached (default: "
-                                          "$XDG_CACHE_HOME/captioner or ~/.cache/captioner)")
+                                          "$XDG_CACHE_HOME/captioner/embeddings or "
+                                          "~/.cache/captioner/embeddings)")
     add("--max-caption-tokens", type=int, default=40,
         help="training captions are cut to this many tokens, EOS included")
     add("--one-caption-per-image", action="store_true",
@@ -605,9 +618,15 @@ def check_args(args, parser):
         parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor "
                      "would end the run in gradient ascent)")
     args.device = args.device or default_device()
-    cuda = torch.device(args.device).type == "cuda"
-    if args.precision == "auto":
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "16") if cuda else "32"
+    try:
+        cuda = torch.device(args.device).type == "cuda"
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device torch knows (cuda, cuda:N, mps, cpu)")
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available here")
+    if args.precision == "auto":  # emulated bf16 (T4, V100) is slower than fp16 + GradScaler
+        args.precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16") \
+            if cuda else "32"
     if args.tokens_on_device is None:
         args.tokens_on_device = cuda
     if args.precision == "16" and not cuda:

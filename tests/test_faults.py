@@ -95,10 +95,12 @@ def test_paths_outside_the_data_folder_are_refused(run, tiny_dataset, filepath, 
     assert not os.path.exists(tmp_path / "cache")  # refused before anything was embedded
 
 
-def test_a_symbolic_link_out_of_the_data_folder_is_refused(tiny_dataset, tmp_path):
-    os.symlink("/etc", os.path.join(tiny_dataset, "images", "etc"))
-    edit_dataset(tiny_dataset, lambda images: images[2].update(filename="etc/passwd"))
-    with pytest.raises(ValueError, match="images\\[2\\] names 'images/etc/passwd', which is not inside"):
+def test_symbolic_links_the_owner_made_are_followed_and_nul_bytes_refused(tiny_dataset, tmp_path):
+    os.rename(os.path.join(tiny_dataset, "images"), tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", os.path.join(tiny_dataset, "images"))  # images -> /datasets/..., say
+    assert len(data.read_karpathy(tiny_dataset, "train")) == 16
+    edit_dataset(tiny_dataset, lambda images: images[2].update(filename="a\0b.jpg"))
+    with pytest.raises(ValueError, match="images\\[2\\] names 'images/a\\\\x00b.jpg', which is not inside"):
         data.read_karpathy(tiny_dataset, "train")
 
 

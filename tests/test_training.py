@@ -291,3 +291,16 @@ def test_cider_d_can_pick_the_best_epoch(tiny_dataset, small_decoder_dir, tiny_c
     metadata = safe_torch_load(str(tmp_path / "out" / "model.pt"), "captioner-model")["metadata"]
     assert metadata["epoch"] == kept["epoch"] and metadata["val_cider_d"] == kept["val_cider_d"]
     assert [r["best"] for r in epochs].count(True) >= 1
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(small_decoder_dir):
+    model, _ = build_model(small_decoder_dir, "test", image_width=6, image_grid=1)
+    optimizer = train.make_optimizer(model, 1e-3, 0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.image_norm.weight.grad[0] = float("inf")  # one bad gradient, the loss finite
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    train.optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.tensor(2.5), grad_norm)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
