@@ -240,8 +240,9 @@ def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int 
 def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per_image: int = 1,
                     max_length: int = 30, temperature: float = 1.0, generator: torch.Generator | None = None):
     """Batched sampling (for self-critical training): S = samples_per_image captions per image, all images x S
-    rows through the decoder as one batch per step, with its KV cache. It runs WITH autograd, since SCST
-    needs the gradient of the log-probabilities; wrap it in torch.no_grad() to sample only.
+    rows through the decoder as one batch per step, with its KV cache; a row leaves the batch once its caption
+    has ended. It runs WITH autograd, since SCST needs the gradient of the log-probabilities; wrap it in
+    torch.no_grad() to sample only.
 
     image_tokens: (B, K, D) backbone tokens.
     max_length: the most tokens a caption may have, its EOS included. A caption still running at the last
@@ -255,7 +256,7 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
     same generator, in order, and the draws are the same on every device.
     Returns ids (B*S, L) int64 (row b*S + s is sample s of image b; each row ends with EOS and is padded with
     EOS; L <= max_length) and logprobs (B*S,) float32: each caption's summed token log-probabilities, EOS
-    included (finished rows add 0), differentiable. Does not change the model's train/eval mode.
+    included, differentiable. Does not change the model's train/eval mode.
     """
     if samples_per_image < 1 or max_length < 1 or not temperature > 0:
         raise ValueError(f"samples_per_image and max_length must be at least 1 and temperature > 0, not "
@@ -264,27 +265,31 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
     N, L, eos = image_tokens.shape[0] * samples_per_image, max_length, model.eos_token_id
     uniforms = torch.rand(N, L, generator=generator, dtype=torch.float64).to(device)  # (N, L)
     memory = model.encode_images(image_tokens).repeat_interleave(samples_per_image, dim=0)  # (N, K, C)
+    ids = torch.full((N, L), eos, dtype=torch.long, device=device)  # EOS after each caption: the padding
+    summed = torch.zeros(N, device=device)
+    live = torch.arange(N, device=device)  # (n,) the rows still writing; only they run through the decoder
     next_input = torch.full((N, 1), eos, dtype=torch.long, device=device)  # GPT-2 starts from EOS
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs, cache = [], [], None
+    cache, length = None, L
     for step in range(L - 1):  # the last position may only hold EOS: nothing to draw there
         logits, cache = model.decode_step(next_input, memory, cache)
-        step_logprobs = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
+        step_logprobs = F.log_softmax(logits.float() / temperature, dim=-1)  # (n, V)
         # float64, so that rounding in a 50k-term running sum does not move the tokens' boundaries
-        cdf = step_logprobs.detach().double().exp().cumsum(dim=-1)  # (N, V)
-        token = torch.searchsorted(cdf, uniforms[:, step:step + 1] * cdf[:, -1:], right=True)  # (N, 1)
-        token = torch.where(done, eos, token.squeeze(1).clamp(max=cdf.shape[1] - 1))  # done rows: EOS...
-        logprobs.append(torch.where(done, 0.0, step_logprobs.gather(1, token[:, None]).squeeze(1)))  # at +0
-        tokens.append(token)
-        done = done | (token == eos)
-        if bool(done.all()):  # one host sync per step, to stop once every caption has ended
+        cdf = step_logprobs.detach().double().exp().cumsum(dim=-1)  # (n, V)
+        token = torch.searchsorted(cdf, uniforms[live, step:step + 1] * cdf[:, -1:], right=True)  # (n, 1)
+        token = token.clamp(max=cdf.shape[1] - 1)
+        ids[live, step] = token.squeeze(1)
+        summed = summed.index_add(0, live, step_logprobs.gather(1, token).squeeze(1))  # out of place
+        # Finished rows leave the batch (and the KV cache), so the decoder's work follows the tokens
+        # written, not rows x the longest caption. One host sync per step, to learn which rows remain.
+        keep = (token.squeeze(1) != eos).nonzero().squeeze(1)  # (n',) positions among the live rows
+        if len(keep) == 0:
+            length = step + 1
             break
-        next_input = token[:, None]
-    if not bool(done.all()):
-        tokens.append(torch.full((N,), eos, dtype=torch.long, device=device))
-    ids = torch.stack(tokens, dim=1)  # (N, L') with L' <= L
-    summed = torch.stack(logprobs, dim=1).sum(dim=1) if logprobs else torch.zeros(N, device=device)
-    return ids, summed
+        if len(keep) < len(live):
+            live, memory, token = live[keep], memory[keep], token[keep]
+            cache.reorder_cache(keep)
+        next_input = token
+    return ids[:, :length], summed
 
 
 def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:

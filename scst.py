@@ -50,13 +50,15 @@ class CiderD:
     a cosine per n, a Gaussian length penalty (sigma 6), the mean over n, averaged over references, x 10."""
 
     def __init__(self, references: list[list[str]], sigma: float = 6.0):
-        self.references = [[ngram_counts(coco_tokenize(r)) for r in refs] for refs in references]
-        self.df = Counter(g for refs in self.references for g in set().union(*refs))  # images per n-gram
+        # PTB tokens joined by spaces: a small footprint for COCO's 600k references; n-grams counted on use
+        self.references = [[" ".join(coco_tokenize(r)) for r in refs] for refs in references]
+        self.df = Counter(g for refs in self.references  # in how many images' references each n-gram occurs
+                          for g in set().union(*(ngram_counts(r.split()) for r in refs)))
         self.log_images, self.sigma = math.log(len(references)), sigma
 
     def _vector(self, counts: Counter):
-        """-> tf-idf per n ({n-gram: weight}, n = 1..4), their norms, and the length: pycocoevalcap counts
-        bigrams, one less than the words of any caption with a word, so length differences are the same."""
+        """-> tf-idf per n ({n-gram: weight}, n = 1..4), their norms, and the length, which pycocoevalcap
+        counts in bigrams (a caption's words less one), as here, to give its figures exactly."""
         vector = [{} for _ in range(4)]
         for gram, tf in counts.items():
             vector[len(gram) - 1][gram] = tf * (self.log_images - math.log(max(1.0, self.df[gram])))
@@ -65,7 +67,7 @@ class CiderD:
 
     def scores(self, image: int, hypotheses: list[str]) -> list[float]:
         """CIDEr-D of each hypothesis against the references of image `image`."""
-        references = [self._vector(counts) for counts in self.references[image]]
+        references = [self._vector(ngram_counts(r.split())) for r in self.references[image]]
         scores = []
         for hypothesis in hypotheses:
             vector, norms, length = self._vector(ngram_counts(coco_tokenize(hypothesis)))
