@@ -43,9 +43,10 @@ CONFIGS = {
     "128x1-fp16": (128, 1, "16", 0, False, False),  # the levers one at a time, from here
     "128x1-bf16": (128, 1, "bf16", 0, False, False),
     "128x1-bf16-bucketed": (128, 1, "bf16", 50, False, False),
-    "default": (128, 1, "bf16", 50, True, False),  # what `python train.py` runs on a GPU with bf16
-    "default-tf32": (128, 1, "32", 50, True, False),
-    "default-compiled": (128, 1, "bf16", 50, True, True),
+    "default": (128, 1, "bf16", 0, True, False),  # what `python train.py` runs on a GPU with bf16
+    "default-bucketed": (128, 1, "bf16", 50, True, False),
+    "default-tf32": (128, 1, "32", 0, True, False),
+    "default-compiled": (128, 1, "bf16", 0, True, True),
     "512x1": (512, 1, "bf16", 50, True, False),
     "1024x1": (1024, 1, "bf16", 50, True, False),
     "1024x1-compiled": (1024, 1, "bf16", 50, True, True),
