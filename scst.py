@@ -188,7 +188,7 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
             scaler, args, processes)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        train.optimizer_step(optimizer, scaler, loss)
+        train.optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
