@@ -145,7 +145,7 @@ def accumulate_policy_gradient(policy, model, window, data, cider, generator, sc
             with autocast(device, args.precision):
                 greedy, _ = beam_search(model, image_tokens, 1, args.max_length)
             greedy = ids_to_text(data["tokenizer"], greedy)
-            model.train()
+            model.train(args.dropout)
         last = k == len(batches) - 1  # DDP all-reduces gradients once per step: in the last micro-batch
         with policy.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
             with autocast(device, args.precision):
@@ -174,7 +174,9 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
                     log, save, stop_request) -> bool:
     """The optimizer steps of one epoch from state.step_in_epoch on, as train.train_one_epoch. Returns False
     if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved)."""
-    model.train()  # dropout stays on while sampling: its masks are part of the sampled policy
+    # With --dropout, the masks are part of the sampled policy (as in ruotianluo/ImageCaptioning.pytorch);
+    # without (the default), the policy sampled and improved is the one that captions at test time.
+    model.train(args.dropout)
     windows = epoch_windows(len(data["items"]), epoch, args, processes.world_size)
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
     interval, rewards = train.Interval(), torch.zeros(2)  # rewards: their sum, and how many
@@ -221,7 +223,7 @@ def validate(model, data, args, device) -> dict:
     model.eval()
     captions = caption_image_tokens(model, data["tokenizer"], data["tokens"], 1, device, args.eval_batch_size,
                                     args.max_length)
-    model.train()
+    model.train(args.dropout)
     scores, _ = coco_metrics(captions, data["references"])
     return {"val_cider_d": scores["cider_d"], "val_bleu4": scores["bleu4"], "example": captions[0]}
 
@@ -232,8 +234,8 @@ def validate(model, data, args, device) -> dict:
 # Settings that a resumed run must share with the run it continues (--max-epochs and --precision may change,
 # as in train.py).
 RESUME_MUST_MATCH = ("checkpoint", "data_dir", "batch_size", "accumulate_grad_batches", "samples_per_image",
-                     "temperature", "baseline", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
-                     "weight_decay", "grad_clip", "max_length", "seed")
+                     "temperature", "baseline", "dropout", "lr", "lr_schedule", "warmup_fraction",
+                     "min_lr_ratio", "weight_decay", "grad_clip", "max_length", "seed")
 
 
 def run_settings(args) -> dict:
@@ -309,7 +311,7 @@ def fine_tune(args, processes: train.Processes):
         f"{args.samples_per_image} samples = "
         f"{effective_batch * args.samples_per_image} captions; {steps_per_epoch} optimizer steps per epoch, "
         f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
-        f"temperature {args.temperature:g}")
+        f"temperature {args.temperature:g}, dropout {'on' if args.dropout else 'off'}")
     say(f"outputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl")
     if checkpoint:
         say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
@@ -392,6 +394,9 @@ def get_args_parser():
     add("--baseline", choices=["others", "greedy"], default="others",
         help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
     add("--max-length", type=int, default=30, help="most tokens per caption (sampled, greedy), EOS included")
+    add("--dropout", action=argparse.BooleanOptionalAction, default=False,
+        help="keep the decoder's dropout on while sampling and learning (default: off, so that the policy "
+             "improved is the test-time one)")
     # optimisation
     add("--max-epochs", type=int, default=3, help="passes over the training images")
     add("--batch-size", type=int, default=32, help="images per micro-batch (x samples per image captions)")

@@ -145,10 +145,16 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
                 "--lr", "1e-2", "--max-length", "8",
                 "--precision", "32", "--device", "cpu", "--log-interval", "1", "--num-workers", "0",
                 "--checkpoint-every", "0", *extra]
-    run_scst(argv("a"))
-    run_scst(argv("b", "--stop-after-steps", "2"))  # inside the first epoch
-    run_scst(argv("b", "--resume", "--stop-after-steps", "2"))  # inside the second
-    run_scst(argv("b", "--resume"))
+    # the modes the policy samples in: --dropout keeps the decoder's dropout on, the default turns it off
+    modes, sample_captions = [], scst.sample_captions
+    monkeypatch.setattr(scst, "sample_captions",
+                        lambda model, *a: modes.append(model.training) or sample_captions(model, *a))
+    # with dropout on, the resumed run must also restore the dropout masks' random state: the harder case
+    run_scst(argv("a", "--dropout"))
+    assert modes and all(modes)
+    run_scst(argv("b", "--dropout", "--stop-after-steps", "2"))  # inside the first epoch
+    run_scst(argv("b", "--dropout", "--resume", "--stop-after-steps", "2"))  # inside the second
+    run_scst(argv("b", "--dropout", "--resume"))
 
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     train_a = [(r["step"], r["loss"], r["reward"]) for r in log_a if r["type"] == "train"]
@@ -170,8 +176,10 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     assert model_pt["preprocessing"] == start["preprocessing"]
     assert model_pt["metadata"]["embedding_precision"] == start["metadata"]["embedding_precision"]
     # the paper's baseline, the greedy caption's reward, runs through the same loop
+    modes.clear()
     run_scst(argv("g", "--baseline", "greedy", "--max-epochs", "1", "--stop-after-steps", "1"))
     assert [r["step"] for r in read_log(tmp_path / "g") if r["type"] == "train"] == [1]
+    assert modes and not any(modes)  # the default samples the test-time (eval-mode) policy
 
 
 @pytest.mark.parametrize("argv, message", [
