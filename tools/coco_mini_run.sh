@@ -32,3 +32,21 @@ for run in ours ours-grid0 original original-steps ours-constant-lr; do
     python evaluate.py --checkpoint "$runs/$run/model.pt" --data-dir "$data" --split test --beam-size 1 2 3 4 \
         --cache-dir "$runs/cache"
 done
+
+# The README's table: every metric of every model on the test split, and its last validation loss
+python - "$runs" ours ours-grid0 original original-steps ours-constant-lr <<'PY'
+import json, sys
+runs, names = sys.argv[1], sys.argv[2:]
+keys = ["bleu1", "bleu4_coco", "meteor", "rouge_l", "cider_d", "bleu4_sacrebleu", "bleu4_seed"]
+print("| model | val loss | beam | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | BLEU-4 sacrebleu "
+      "| BLEU-4 original's protocol |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name in names:
+    with open(f"{runs}/{name}/log.jsonl") as f:
+        val_loss = [r for r in map(json.loads, f) if r["type"] == "epoch"][-1]["val_loss"]
+    with open(f"{runs}/{name}/metrics.json") as f:
+        results = json.load(f)["results"]
+    for k, r in enumerate(results):
+        figures = " | ".join("n/a" if r[key] is None else f"{r[key]:.3f}" for key in keys)
+        print(f"| {name if k == 0 else ''} | {f'{val_loss:.3f}' if k == 0 else ''} | {r['beam_size']} | {figures} |")
+PY
