@@ -7,7 +7,7 @@
 #   original-steps   the same design given as many optimizer steps (and captions) as ours: 5x the epochs;
 #   ours-constant-lr ours with the original's constant LR: which of the differences matters at this budget.
 # Grid choice on the val split; every model on the test split (reporting only).
-# Usage: bash tools/coco_mini_run.sh [RUNS_DIR]   (about an hour on 2 CPU cores; ours + original alone: 20 min)
+# Usage: bash tools/coco_mini_run.sh [RUNS_DIR]   (35 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs}
