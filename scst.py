@@ -391,7 +391,8 @@ def get_args_parser():
     add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
         help="image decoding workers, if a split still has to be embedded")
     # sampling and reward
-    add("--samples-per-image", type=int, default=5, help="captions sampled per image and step")
+    add("--samples-per-image", type=int, default=10,
+        help="captions sampled per image and step (K); on coco-mini 10 beat 5 on val, at equal time too")
     add("--temperature", type=float, default=1.0, help="sample from softmax(logits / temperature)")
     add("--baseline", choices=["others", "greedy"], default="others",
         help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
