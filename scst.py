@@ -11,8 +11,8 @@ image's other samples (default; "new self-critical") or that of its greedy capti
 paper's). The decoder's dropout is off (--dropout turns it on): the policy sampled and improved is then the
 one that captions at test time, which measured better on coco-mini's val split. Val CIDEr-D of greedy
 captions, measured once before training and after every epoch, picks the model kept in OUT/model.pt
-(train.py's format). The loop reuses train.py's machinery (optimizer, LR schedule,
-non-finite guard, checkpoints with exact --resume, torchrun processes) by importing it.
+(train.py's format). The loop reuses train.py's machinery (optimizer, LR schedule, non-finite guard,
+checkpoints with exact --resume, torchrun processes) by importing it.
 """
 
 import argparse
