@@ -11,6 +11,7 @@ Karpathy split file, reading an image from a folder or a zip archive, and the em
 """
 
 import contextlib
+import functools
 import glob
 import hashlib
 import http.client
@@ -468,6 +469,29 @@ def split_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu
               f"list: {meta['unreadable_file']}. If the cause has gone (a missing file now restored), delete "
               f"{meta['unreadable_file'][:-len('.unreadable.json')]}.* to embed the split again")
     return (*drop_unreadable(items, tokens, meta), meta)
+
+
+def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_workers, processes,
+                    download=False) -> dict:
+    """-> {"train": ..., "val": ...}: each split's readable images ("items"), their cached image tokens
+    ("tokens") and the backbone's "preprocessing", for train.py and scst.py. processes: train.Processes (its
+    rank, world_size, device, is_main and barrier); with download, its rank 0 fetches COCO first."""
+    if download and processes.is_main:  # one process downloads; torchrun stops the others if it fails
+        prepare_coco(data_dir)
+    processes.barrier()
+    get_backbone = functools.cache(lambda: load_backbone(backbone_name))  # once, for both splits
+    splits = {}
+    for split in ("train", "val"):
+        items, tokens, meta = split_image_tokens(
+            read_karpathy(data_dir, split), split, backbone_name, grid, cache_dir, processes.device,
+            precision, num_workers, get_backbone=get_backbone, rank=processes.rank,
+            world_size=processes.world_size, barrier=processes.barrier)
+        splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
+    shared = {item.source.name for item in splits["train"]["items"]} & \
+        {item.source.name for item in splits["val"]["items"]}
+    if shared and processes.is_main:  # validation would then flatter the model
+        print(f"warning: {len(shared)} images are in both the train and the val split (e.g. {min(shared)})")
+    return splits
 
 
 def cached_image_tokens(items, split, backbone_name, grid, cache_dir, device="cpu", batch_size=32,

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, default_device, ids_to_text,
                        load_model, sample_captions, save_model)
+from data import training_splits
 from evaluate import coco_metrics, coco_tokenize
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,10 +267,8 @@ def fine_tune(args, processes: train.Processes):
         checkpoint = train.load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
                                            processes.world_size)
     precision = archive["metadata"].get("embedding_precision", "32")  # the image tokens the model learnt on
-    splits = train.load_splits(argparse.Namespace(
-        data_dir=args.data_dir, download=False, cache_dir=args.cache_dir, embedding_precision=precision,
-        vision_backbone=model.config.vision_backbone, image_grid=model.config.image_grid,
-        num_workers=args.num_workers), processes)
+    splits = training_splits(args.data_dir, model.config.vision_backbone, model.config.image_grid,
+                             args.cache_dir, precision, args.num_workers, processes)
     if splits["train"]["preprocessing"] != archive["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{splits['train']['preprocessing']}, the model with {archive['preprocessing']}")

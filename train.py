@@ -18,7 +18,6 @@ then sees batch size x accumulation x N captions, and rank 0 alone logs, evaluat
 import argparse
 import contextlib
 import datetime
-import functools
 import hashlib
 import json
 import math
@@ -36,10 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from captioner import (ArchiveError, CaptionModel, CaptionerConfig, LockedError, atomic_torch_save,
                        atomic_write_text, autocast, build_model, caption_image_tokens, check_backbone_name,
                        cpu_state_dict, default_device, embedding_precision, file_lock, labelled_positions,
-                       load_backbone, remove_orphans, safe_torch_load, save_model, tokenizer_from_data,
-                       tokenizer_to_data)
-from data import (DownloadError, default_cache_dir, prepare_coco, read_karpathy, split_image_tokens,
-                  tokenize_captions)
+                       remove_orphans, safe_torch_load, save_model, tokenizer_from_data, tokenizer_to_data)
+from data import DownloadError, default_cache_dir, tokenize_captions, training_splits
 from evaluate import coco_metrics
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
@@ -653,26 +650,6 @@ def run_settings(args) -> dict:
     return {k: getattr(args, k) for k in recorded}
 
 
-def load_splits(args, processes: Processes) -> dict:
-    """-> {"train": ..., "val": ...}: each split's readable images and their cached image tokens."""
-    if args.download and processes.is_main:  # one process downloads; torchrun stops the others if it fails
-        prepare_coco(args.data_dir)
-    processes.barrier()
-    get_backbone = functools.cache(lambda: load_backbone(args.vision_backbone))  # once, for both splits
-    splits = {}
-    for split in ("train", "val"):
-        items, tokens, meta = split_image_tokens(
-            read_karpathy(args.data_dir, split), split, args.vision_backbone, args.image_grid, args.cache_dir,
-            processes.device, args.embedding_precision, args.num_workers, get_backbone=get_backbone,
-            rank=processes.rank, world_size=processes.world_size, barrier=processes.barrier)
-        splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
-    shared = {item.source.name for item in splits["train"]["items"]} & \
-        {item.source.name for item in splits["val"]["items"]}
-    if shared and processes.is_main:  # validation would then flatter the model
-        print(f"warning: {len(shared)} images are in both the train and the val split (e.g. {min(shared)})")
-    return splits
-
-
 def model_from(checkpoint, args, image_width: int):
     """The model and tokenizer: the checkpoint's when resuming, else a new model around the pretrained LM."""
     if checkpoint is None:
@@ -710,7 +687,8 @@ def train(args, processes: Processes):
         args.embedding_precision = checkpoint["args"].get("embedding_precision", "32")
 
     # data: captions and cached image tokens
-    splits = load_splits(args, processes)
+    splits = training_splits(args.data_dir, args.vision_backbone, args.image_grid, args.cache_dir,
+                             args.embedding_precision, args.num_workers, processes, args.download)
 
     # model. Seeded after the cache: loading a backbone to build it draws random numbers (weight init), and
     # whether that happened must not change the decoder's initialisation or the dropout masks.
