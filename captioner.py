@@ -99,18 +99,19 @@ class CaptionModel(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, label_positions=None, labels=None):
         """Teacher forcing: image_tokens (B, K, D), input_ids (B, T) right-padded -> (logits (B, T, V), None).
-        With labels (N,) at label_positions (N,), flat indices into the B*T positions (padding has none)
-        -> (logits (N, V), cross-entropy summed over the N tokens in fp32; the training loop divides it by
-        the tokens of the whole optimizer step). Only labelled positions reach the 50k-wide output layer,
-        most of the cost; indices made on the CPU by the caller keep a GPU from waiting to learn N.
+        With label_positions (N,), flat indices into the B*T positions (padding has none) -> logits (N, V)
+        there only, and with labels (N,) too, their cross-entropy summed over the N tokens in fp32 (the
+        training loop divides it by the tokens of the whole optimizer step). Only labelled positions reach
+        the 50k-wide output layer, most of the cost; indices made on the CPU by the caller keep a GPU from
+        waiting to learn N.
         Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
         memory = self.encode_images(image_tokens)
         hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
                                           use_cache=False).last_hidden_state  # (B, T, C)
-        if labels is None:
+        if label_positions is None:
             return self.decoder.lm_head(hidden), None
         logits = self.decoder.lm_head(hidden.flatten(0, 1).index_select(0, label_positions))  # (N, V)
-        return logits, F.cross_entropy(logits.float(), labels, reduction="sum")
+        return logits, None if labels is None else F.cross_entropy(logits.float(), labels, reduction="sum")
 
     def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
         """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
@@ -237,12 +238,13 @@ def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int 
     return best_ids[:, : int(lengths.max())], best_scores
 
 
+@torch.no_grad()
 def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per_image: int = 1,
                     max_length: int = 30, temperature: float = 1.0, generator: torch.Generator | None = None):
     """Batched sampling (for self-critical training): S = samples_per_image captions per image, all images x S
     rows through the decoder as one batch per step, with its KV cache; a row leaves the batch once its caption
-    has ended. It runs WITH autograd, since SCST needs the gradient of the log-probabilities; wrap it in
-    torch.no_grad() to sample only.
+    has ended. It runs without autograd: caption_logprobs gives the differentiable log-probabilities in one
+    parallel pass, which costs less than a backward pass through this loop, step by step.
 
     image_tokens: (B, K, D) backbone tokens.
     max_length: the most tokens a caption may have, its EOS included. A caption still running at the last
@@ -256,7 +258,7 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
     same generator, in order, and the draws are the same on every device.
     Returns ids (B*S, L) int64 (row b*S + s is sample s of image b; each row ends with EOS and is padded with
     EOS; L <= max_length) and logprobs (B*S,) float32: each caption's summed token log-probabilities, EOS
-    included, differentiable. Does not change the model's train/eval mode.
+    included. Does not change the model's train/eval mode; in train mode, dropout draws its own masks.
     """
     if samples_per_image < 1 or max_length < 1 or not temperature > 0:
         raise ValueError(f"samples_per_image and max_length must be at least 1 and temperature > 0, not "
@@ -272,13 +274,15 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
     cache, length = None, L
     for step in range(L - 1):  # the last position may only hold EOS: nothing to draw there
         logits, cache = model.decode_step(next_input, memory, cache)
-        step_logprobs = F.log_softmax(logits.float() / temperature, dim=-1)  # (n, V)
-        # float64, so that rounding in a 50k-term running sum does not move the tokens' boundaries
-        cdf = step_logprobs.detach().double().exp().cumsum(dim=-1)  # (n, V)
+        logits = logits.float() / temperature if temperature != 1 else logits.float()
+        probs = F.softmax(logits, dim=-1)  # (n, V)
+        # summed in float64, so that rounding in a 50k-term running sum does not move the tokens' boundaries
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (n, V)
         token = torch.searchsorted(cdf, uniforms[live, step:step + 1] * cdf[:, -1:], right=True)  # (n, 1)
         token = token.clamp(max=cdf.shape[1] - 1)
         ids[live, step] = token.squeeze(1)
-        summed = summed.index_add(0, live, step_logprobs.gather(1, token).squeeze(1))  # out of place
+        # a token of probability 0 in float32 lies between two equal CDF values, so it is never drawn
+        summed.index_add_(0, live, probs.gather(1, token).squeeze(1).log())
         # Finished rows leave the batch (and the KV cache), so the decoder's work follows the tokens
         # written, not rows x the longest caption. One host sync per step, to learn which rows remain.
         keep = (token.squeeze(1) != eos).nonzero().squeeze(1)  # (n',) positions among the live rows
@@ -290,6 +294,31 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
             cache.reorder_cache(keep)
         next_input = token
     return ids[:, :length], summed
+
+
+def caption_logprobs(model: CaptionModel, image_tokens: torch.Tensor, ids: torch.Tensor, max_length: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Teacher forcing over sampled captions: the log-probabilities that sample_captions returns, computed
+    again in one parallel pass WITH autograd (self-critical training's gradient flows through them).
+
+    image_tokens: (N, K, D), the image of each caption (sample_captions' images, repeated S times each).
+    ids: (N, L) from sample_captions with this max_length: each row's first EOS ends its caption. An EOS at
+    position max_length - 1 was forced, not drawn, and adds 0.
+    Returns (N,) float32: each caption's summed token log-probabilities under softmax(logits / temperature),
+    its words and its drawn EOS. Only those tokens reach the 50k-wide output layer, not the EOS padding.
+    """
+    N, L, eos = *ids.shape, model.eos_token_id
+    first_eos = (ids == eos).int().argmax(dim=1)  # (N,) every row holds an EOS
+    drawn = first_eos + (first_eos < max_length - 1).long()  # (N,) tokens drawn per row
+    position = torch.arange(L, device=ids.device)
+    labels = torch.where(position[None] < drawn[:, None], ids, -100)  # (N, L)
+    # the inputs: the caption shifted right by one, behind the EOS that GPT-2 starts from
+    input_ids = torch.cat([torch.full((N, 1), eos, device=ids.device), ids[:, :-1]], dim=1)  # (N, L)
+    positions, targets = labelled_positions(labels)  # (n,) flat indices into N*L, and their tokens
+    logits, _ = model(image_tokens, input_ids, positions)  # (n, V)
+    logits = logits.float() / temperature if temperature != 1 else logits.float()  # a 50k-wide copy saved
+    token_logprobs = -F.cross_entropy(logits, targets, reduction="none")  # (n,)
+    return torch.zeros(N, device=ids.device).index_add(0, positions // L, token_logprobs)
 
 
 def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:

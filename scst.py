@@ -6,10 +6,11 @@ CIDEr-D directly, instead of the likelihood of the reference captions.
 
 Each optimizer step takes a batch of training images, samples --samples-per-image captions per image
 (captioner.sample_captions), rewards each with its CIDEr-D against the image's training references, and
-follows the policy gradient of -(reward - baseline) x log p(caption). The baseline is the mean reward of the
-image's other samples (default; "new self-critical") or that of its greedy caption (--baseline greedy, the
-paper's). The decoder's dropout is off (--dropout turns it on): the policy sampled and improved is then the
-one that captions at test time, which measured better on coco-mini's val split. Val CIDEr-D of greedy
+follows the policy gradient of -(reward - baseline) x log p(caption) (captioner.caption_logprobs). The
+baseline is the mean reward of the image's other samples (default; "new self-critical") or that of its greedy
+caption (--baseline greedy, the paper's). The decoder runs in eval mode, dropout off: the policy sampled and
+improved is the one that captions at test time (on coco-mini's val split, this beat keeping dropout on, as
+ruotianluo/ImageCaptioning.pytorch does, and it lets one pass sample and another score). Val CIDEr-D of greedy
 captions, measured once before training and after every epoch, picks the model kept in OUT/model.pt
 (train.py's format). The loop reuses train.py's machinery (optimizer, LR schedule, non-finite guard,
 checkpoints with exact --resume, torchrun processes) by importing it.
@@ -21,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import time
 from collections import Counter
@@ -33,8 +33,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, default_device, ids_to_text,
-                       load_model, sample_captions, save_model)
+from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, caption_logprobs,
+                       default_device, ids_to_text, load_model, sample_captions, save_model)
 from data import training_splits
 from evaluate import coco_metrics, coco_tokenize
 
@@ -90,15 +90,19 @@ class CiderD:
 # ---- the policy gradient ----
 
 class Policy(nn.Module):
-    """The caption model as a sampling policy. forward() is sample_captions, so that DistributedDataParallel,
-    which hooks forward, sees one forward and one backward per micro-batch, as it expects."""
+    """The caption model as a sampling policy. forward() samples captions and scores them with autograd, so
+    that DistributedDataParallel, which hooks forward, sees one forward and one backward per micro-batch."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, image_tokens, *options):  # samples per image, max length, temperature, generator
-        return sample_captions(self.model, image_tokens, *options)
+    def forward(self, image_tokens, samples_per_image, max_length, temperature, generator):
+        """image_tokens (B, K, D) -> ids (B*S, L) and their summed log-probabilities (B*S,), with autograd."""
+        S = samples_per_image
+        ids, _ = sample_captions(self.model, image_tokens, S, max_length, temperature, generator)
+        image_of_caption = image_tokens.repeat_interleave(S, dim=0)  # (B*S, K, D)
+        return ids, caption_logprobs(self.model, image_of_caption, ids, max_length, temperature)
 
 
 def others_baseline(rewards: torch.Tensor) -> torch.Tensor:
@@ -144,11 +148,9 @@ def accumulate_policy_gradient(policy, model, window, data, cider, generator, sc
     for k, batch in enumerate(batches):
         image_tokens = train.to_device(torch.from_numpy(np.ascontiguousarray(data["tokens"][batch])), device)
         if args.baseline == "greedy":  # the test-time caption of the current model, as in the paper
-            model.eval()
             with autocast(device, args.precision):
                 greedy, _ = beam_search(model, image_tokens, 1, args.max_length)
             greedy = ids_to_text(data["tokenizer"], greedy)
-            model.train(args.dropout)
         last = k == len(batches) - 1  # DDP all-reduces gradients once per step: in the last micro-batch
         with policy.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
             with autocast(device, args.precision):
@@ -177,9 +179,7 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
                     log, save, stop_request) -> bool:
     """The optimizer steps of one epoch from state.step_in_epoch on, as train.train_one_epoch. Returns False
     if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved)."""
-    # With --dropout, the masks are part of the sampled policy (as in ruotianluo/ImageCaptioning.pytorch);
-    # without (the default), the policy sampled and improved is the one that captions at test time.
-    model.train(args.dropout)
+    model.eval()  # no dropout: the policy sampled and improved is the one that captions at test time
     windows = epoch_windows(len(data["items"]), epoch, args, processes.world_size)
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
     interval, rewards = train.Interval(), torch.zeros(2)  # rewards: their sum, and how many
@@ -223,10 +223,8 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
 
 def validate(model, data, args, device) -> dict:
     """-> val CIDEr-D and BLEU-4 (COCO protocol) of greedy captions of every val image, and the first one."""
-    model.eval()
     captions = caption_image_tokens(model, data["tokenizer"], data["tokens"], 1, device, args.eval_batch_size,
                                     args.max_length)
-    model.train(args.dropout)
     scores, _ = coco_metrics(captions, data["references"])
     return {"val_cider_d": scores["cider_d"], "val_bleu4": scores["bleu4"], "example": captions[0]}
 
@@ -237,7 +235,7 @@ def validate(model, data, args, device) -> dict:
 # Settings that a resumed run must share with the run it continues (--max-epochs and --precision may change,
 # as in train.py).
 RESUME_MUST_MATCH = ("checkpoint", "data_dir", "batch_size", "accumulate_grad_batches", "samples_per_image",
-                     "temperature", "baseline", "dropout", "lr", "lr_schedule", "warmup_fraction",
+                     "temperature", "baseline", "lr", "lr_schedule", "warmup_fraction",
                      "min_lr_ratio", "weight_decay", "grad_clip", "max_length", "seed")
 
 
@@ -273,9 +271,8 @@ def fine_tune(args, processes: train.Processes):
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{splits['train']['preprocessing']}, the model with {archive['preprocessing']}")
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed + processes.rank)  # each process its own dropout masks
+    # No seeding: nothing draws random numbers but the sampler (no dropout), whose generator is a pure
+    # function of the seed, the step and the process (sample_generator)
     if checkpoint:
         model, tokenizer = train.model_from(checkpoint, args, model.config.image_width)
     if args.max_length > model.decoder.config.n_positions:
@@ -295,7 +292,6 @@ def fine_tune(args, processes: train.Processes):
         if checkpoint["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(checkpoint["scaler"])
         state = train.TrainState.from_checkpoint(checkpoint["state"])
-        train.set_rng_states(checkpoint["rng"][processes.rank])
     policy = Policy(model)
     train_policy = policy if processes.world_size == 1 else DistributedDataParallel(
         policy, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
@@ -312,7 +308,7 @@ def fine_tune(args, processes: train.Processes):
         f"{args.samples_per_image} samples = "
         f"{effective_batch * args.samples_per_image} captions; {steps_per_epoch} optimizer steps per epoch, "
         f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
-        f"temperature {args.temperature:g}, dropout {'on' if args.dropout else 'off'}")
+        f"temperature {args.temperature:g}")
     say(f"outputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl")
     if checkpoint:
         say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
@@ -396,9 +392,6 @@ def get_args_parser():
     add("--baseline", choices=["others", "greedy"], default="others",
         help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
     add("--max-length", type=int, default=30, help="most tokens per caption (sampled, greedy), EOS included")
-    add("--dropout", action=argparse.BooleanOptionalAction, default=False,
-        help="keep the decoder's dropout on while sampling and learning (default: off, so that the policy "
-             "improved is the test-time one)")
     # optimisation
     add("--max-epochs", type=int, default=3, help="passes over the training images")
     add("--batch-size", type=int, default=32, help="images per micro-batch (x samples per image captions)")
@@ -416,7 +409,7 @@ def get_args_parser():
     add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
         help="autocast: 16 (fp16 + GradScaler), bf16, or 32; auto: bf16 on a GPU that has it, else 16 on "
              "CUDA, else 32")
-    add("--seed", type=int, default=0, help="seeds the image order, the samples and dropout")
+    add("--seed", type=int, default=0, help="seeds the image order and the samples")
     # evaluation
     add("--eval-batch-size", type=int, default=128, help="val images decoded together")
     # run

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
 import scst
-from captioner import sample_captions
+from captioner import caption_logprobs, sample_captions
 from conftest import EOS, VOCAB, image_tokens, read_log, run_train, tiny_model, train_argv
 from data import read_karpathy
 from evaluate import coco_tokenize
@@ -58,7 +58,6 @@ def test_logprob_is_the_teacher_forced_sum(temperature):
     tokens = image_tokens(model, 4).repeat_interleave(8, dim=0)  # (32, K, D), as the sampler repeats them
     ids, logprobs = sample_captions(model, tokens[::8], 8, max_length, temperature,
                                     torch.Generator().manual_seed(0))
-    assert logprobs.requires_grad
     per_token = teacher_forced(model, tokens, ids, temperature)
     first_eos = (ids == EOS).int().argmax(dim=1, keepdim=True)  # (N, 1)
     position = torch.arange(ids.shape[1])[None]  # (1, L)
@@ -66,7 +65,13 @@ def test_logprob_is_the_teacher_forced_sum(temperature):
     counted = (position < first_eos) | ((position == first_eos) & (first_eos < max_length - 1))
     expected = (per_token * counted).sum(dim=1)
     assert (first_eos == max_length - 1).any(), "no caption reached max_length: the forced EOS is untested"
+    assert (first_eos < max_length - 2).any(), "every caption is long: the early EOS is untested"
+    # the sampler's running sums (step by step, with the KV cache) and the one-pass scores that SCST
+    # differentiates (only the counted tokens reach the output layer) both equal the full teacher-forced sum
     torch.testing.assert_close(logprobs.double(), expected, rtol=1e-5, atol=1e-5)
+    rescored = caption_logprobs(model, tokens, ids, max_length, temperature)
+    assert rescored.requires_grad
+    torch.testing.assert_close(rescored.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_scst_step_raises_the_expected_reward():
@@ -90,7 +95,8 @@ def test_an_scst_step_raises_the_expected_reward():
 
     before = expected_reward()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    ids, logprobs = sample_captions(model, tokens, 16, max_length, 1.0, torch.Generator().manual_seed(0))
+    ids, _ = sample_captions(model, tokens, 16, max_length, 1.0, torch.Generator().manual_seed(0))
+    logprobs = caption_logprobs(model, tokens.repeat_interleave(16, dim=0), ids, max_length)
     rewards = (ids == 2).any(dim=1).float().view(4, 16)
     loss = scst.policy_loss(logprobs.view(4, 16), rewards, scst.others_baseline(rewards)) / 64
     loss.backward()
@@ -145,16 +151,15 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
                 "--lr", "1e-2", "--max-length", "8",
                 "--precision", "32", "--device", "cpu", "--log-interval", "1", "--num-workers", "0",
                 "--checkpoint-every", "0", *extra]
-    # the modes the policy samples in: --dropout keeps the decoder's dropout on, the default turns it off
+    # the modes the policy samples and scores in: eval, the test-time policy, without dropout
     modes, sample_captions = [], scst.sample_captions
     monkeypatch.setattr(scst, "sample_captions",
                         lambda model, *a: modes.append(model.training) or sample_captions(model, *a))
-    # with dropout on, the resumed run must also restore the dropout masks' random state: the harder case
-    run_scst(argv("a", "--dropout"))
-    assert modes and all(modes)
-    run_scst(argv("b", "--dropout", "--stop-after-steps", "2"))  # inside the first epoch
-    run_scst(argv("b", "--dropout", "--resume", "--stop-after-steps", "2"))  # inside the second
-    run_scst(argv("b", "--dropout", "--resume"))
+    run_scst(argv("a"))
+    assert modes and not any(modes)
+    run_scst(argv("b", "--stop-after-steps", "2"))  # inside the first epoch
+    run_scst(argv("b", "--resume", "--stop-after-steps", "2"))  # inside the second
+    run_scst(argv("b", "--resume"))
 
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     train_a = [(r["step"], r["loss"], r["reward"]) for r in log_a if r["type"] == "train"]
@@ -179,7 +184,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     modes.clear()
     run_scst(argv("g", "--baseline", "greedy", "--max-epochs", "1", "--stop-after-steps", "1"))
     assert [r["step"] for r in read_log(tmp_path / "g") if r["type"] == "train"] == [1]
-    assert modes and not any(modes)  # the default samples the test-time (eval-mode) policy
+    assert modes and not any(modes)
 
 
 @pytest.mark.parametrize("argv, message", [
