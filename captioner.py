@@ -316,7 +316,7 @@ def caption_logprobs(model: CaptionModel, image_tokens: torch.Tensor, ids: torch
     input_ids = torch.cat([torch.full((N, 1), eos, device=ids.device), ids[:, :-1]], dim=1)  # (N, L)
     positions, targets = labelled_positions(labels)  # (n,) flat indices into N*L, and their tokens
     logits, _ = model(image_tokens, input_ids, positions)  # (n, V)
-    logits = logits.float() / temperature if temperature != 1 else logits.float()  # a 50k-wide copy saved
+    logits = logits.float() / temperature if temperature != 1 else logits.float()  # (n, V): no copy at 1
     token_logprobs = -F.cross_entropy(logits, targets, reduction="none")  # (n,)
     return torch.zeros(N, device=ids.device).index_add(0, positions // L, token_logprobs)
 

@@ -523,41 +523,18 @@ def get_args_parser():
     add("--language-model", default="distilgpt2",
         help="GPT-2-family decoder: distilgpt2, gpt2, gpt2-medium, or a local folder with a model and "
              "tokenizer")
-    # data
-    add("--data-dir", default="data/coco",
-        help="folder with a Karpathy-format dataset_coco.json and its images")
-    add("--cache-dir", default=None, help="where image embeddings are cached (default: "
-                                          "$XDG_CACHE_HOME/captioner/embeddings or "
-                                          "~/.cache/captioner/embeddings)")
+    # data (and --data-dir, --cache-dir, --num-workers: see add_shared_arguments)
     add("--max-caption-tokens", type=int, default=40,
         help="training captions are cut to this many tokens, EOS included")
     add("--one-caption-per-image", action="store_true",
         help="an epoch sees one random caption per image (the original) instead of all of them")
-    add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="fetch what --data-dir lacks of COCO's Karpathy split (dataset_coco.json, train2014.zip and "
              "val2014.zip: 20 GB, resumable); a dataset_coco.json with its images needs nothing")
-    # optimisation
-    add("--max-epochs", type=int, default=10, help="passes over the training captions")
-    add("--batch-size", type=int, default=128, help="captions per micro-batch (the original: 32)")
-    add("--accumulate-grad-batches", type=int, default=1,
-        help="micro-batches per optimizer step (effective batch = batch size x this x processes; the "
-             "original: 4)")
-    add("--lr", type=float, default=1e-4,
-        help="peak learning rate (1e-4 suits fine-tuning distilgpt2; ~1e-3 a small decoder trained from "
-             "scratch)")
-    add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
-        help="cosine: linear warmup then cosine decay; constant: the original's fixed LR")
-    add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up")
-    add("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
-    add("--weight-decay", type=float, default=0.01, help="AdamW decay on weight matrices")
-    add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    add_shared_arguments(parser)
+    # train.py's own
     add("--train-padding", action="store_true",
         help="train padding positions as EOS (the original's behaviour; for comparison only)")
-    add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
-        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; "
-             "32: fp32 (TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
     add("--bucket-windows", type=int, default=0,
         help="sort the captions by length within chunks of this many optimizer steps, so that micro-batches "
              "carry little padding (0: the plain shuffle; 50 cut coco-mini's padding from 49%% to 3%% but "
@@ -566,25 +543,62 @@ def get_args_parser():
         help="keep the splits' image tokens in GPU memory and gather batches there (default: on CUDA)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False,
         help="torch.compile the model for training (the first steps then include the compilation)")
-    add("--seed", type=int, default=0, help="seeds every RNG and the data order")
-    # evaluation during training
     add("--beam-size", type=int, default=1, help="beams for the validation captions after each epoch")
-    add("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
-    add("--eval-batch-size", type=int, default=128, help="images decoded together")
     add("--select-by", choices=["bleu4", "cider_d"], default="bleu4",
         help="the validation figure (COCO protocol) that picks the epoch kept in model.pt")
+    return parser
+
+
+def add_shared_arguments(parser):
+    """The flags that scst.py shares with train.py (it sets some other defaults): data, optimisation,
+    validation decoding, and the run's files."""
+    add = parser.add_argument
+    add("--data-dir", default="data/coco",
+        help="folder with a Karpathy-format dataset_coco.json and its images")
+    add("--cache-dir", default=None, help="where image embeddings are cached (default: "
+                                          "$XDG_CACHE_HOME/captioner/embeddings or "
+                                          "~/.cache/captioner/embeddings)")
+    add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
+    # optimisation
+    add("--max-epochs", type=int, default=10, help="passes over the training data (default %(default)s)")
+    add("--batch-size", type=int, default=128,
+        help="micro-batch size (default %(default)s): captions in train.py (the original: 32), images in "
+             "scst.py (each sampled --samples-per-image times)")
+    add("--accumulate-grad-batches", type=int, default=1,
+        help="micro-batches per optimizer step (effective batch = batch size x this x processes; the "
+             "original: 4)")
+    add("--lr", type=float, default=1e-4,
+        help="peak learning rate (default %(default)s; 1e-4 suits fine-tuning distilgpt2, ~1e-3 a small "
+             "decoder trained from scratch; SCST wants less: 1e-4 on coco-mini's small decoder)")
+    add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+        help="cosine: linear warmup then cosine decay; constant: a fixed LR, the original's (default "
+             "%(default)s)")
+    add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up (cosine)")
+    add("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr (cosine)")
+    add("--weight-decay", type=float, default=0.01,
+        help="AdamW decay on weight matrices (default %(default)s)")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
+        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; "
+             "32: fp32 (TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
+    add("--seed", type=int, default=0, help="seeds every RNG and the data order")
+    # validation after each epoch
+    add("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
+    add("--eval-batch-size", type=int, default=128, help="images decoded together")
     # run
-    add("--out-dir", default="out", help="model.pt, checkpoint.pt and log.jsonl go here")
+    add("--out-dir", default="out",
+        help="model.pt, checkpoint.pt and log.jsonl go here (default %(default)s)")
     add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
     add("--overwrite", action="store_true", help="start over even if OUT holds another run")
     add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    add("--log-interval", type=int, default=50, help="optimizer steps per log line")
+    add("--log-interval", type=int, default=50, help="optimizer steps per log line (default %(default)s)")
     add("--checkpoint-every", type=int, default=500,
-        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch)")
+        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch; default "
+             "%(default)s)")
     add("--stop-after-steps", type=int, default=0,
         help="save a checkpoint and exit after N optimizer steps of this invocation (0: run to the end); "
              "continue with --resume")
-    return parser
 
 
 MAX_IMAGE_GRID = 16  # 257 image tokens; the backbones' patch grids are 7 x 7 to 24 x 24
@@ -596,19 +610,31 @@ def check_args(args, parser):
         check_backbone_name(args.vision_backbone)
     except ValueError as e:
         parser.error(f"--vision-backbone: {e}")
-    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "eval_batch_size", "beam_size",
-                 "max_length", "log_interval", "max_caption_tokens"):
+    for name in ("beam_size", "max_caption_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("checkpoint_every", "stop_after_steps", "bucket_windows"):
+    if args.bucket_windows < 0:
+        parser.error("--bucket-windows must be 0 (off) or more")
+    if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
+        parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per "
+                     f"image)")
+    check_shared_args(args, parser)
+    if args.tokens_on_device is None:
+        args.tokens_on_device = torch.device(args.device).type == "cuda"
+
+
+def check_shared_args(args, parser):
+    """Checks the flags of add_shared_arguments, and resolves --device, --precision auto and --cache-dir."""
+    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "eval_batch_size", "max_length",
+                 "log_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("checkpoint_every", "stop_after_steps", "num_workers"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more")
     for name in ("lr", "weight_decay", "grad_clip", "warmup_fraction", "min_lr_ratio"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
-    if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
-        parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per "
-                     f"image)")
     if args.lr <= 0 or args.grad_clip <= 0 or args.weight_decay < 0:
         parser.error("--lr and --grad-clip must be > 0, --weight-decay >= 0")
     if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
@@ -624,8 +650,6 @@ def check_args(args, parser):
     if args.precision == "auto":  # emulated bf16 (T4, V100) is slower than fp16 + GradScaler
         args.precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16") \
             if cuda else "32"
-    if args.tokens_on_device is None:
-        args.tokens_on_device = cuda
     if args.precision == "16" and not cuda:
         print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
         args.precision = "32"

@@ -1,5 +1,6 @@
-"""Self-critical training: the sampler's distribution, batching and log-probs; a step raises the reward;
-our CIDEr-D equals pycocoevalcap's; resume equals an uninterrupted run."""
+"""Self-critical training: the sampler's distribution, batching and log-probs (step by step and in one
+teacher-forced pass); a step raises the reward; our CIDEr-D equals pycocoevalcap's; resume equals an
+uninterrupted run; the flags."""
 import itertools
 import os
 import random
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
 import scst
-from captioner import caption_logprobs, sample_captions
+import train
+from captioner import caption_logprobs, safe_torch_load, sample_captions
 from conftest import EOS, VOCAB, image_tokens, read_log, run_train, tiny_model, train_argv
 from data import read_karpathy
 from evaluate import coco_tokenize
 from train import CHECKPOINT_FORMAT
-from captioner import safe_torch_load
 
 COCO_MINI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini")
 
@@ -192,10 +193,21 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     (["--max-length", "1"], "--max-length must be at least 2"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
-    (["--stop-after-steps", "-1"], "--stop-after-steps must be 0 or more"),
+    (["--stop-after-steps", "-1"], "--stop-after-steps must be 0 (off) or more"),
+    (["--device", "gpu0"], "--device gpu0: not a device torch knows"),  # train.py's checks, shared
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     parser = scst.get_args_parser()
     with pytest.raises(SystemExit):
         scst.check_args(parser.parse_args(argv), parser)
     assert message in capsys.readouterr().err
+
+
+def test_shared_flags_keep_each_scripts_defaults():
+    """scst.py takes train.py's flags with its own defaults, and changes none of train.py's."""
+    scst_args, train_args = scst.get_args_parser().parse_args([]), train.get_args_parser().parse_args([])
+    assert (scst_args.lr, scst_args.lr_schedule, scst_args.weight_decay, scst_args.out_dir) == \
+        (5e-5, "constant", 0.0, "out/scst")
+    assert (train_args.lr, train_args.lr_schedule, train_args.weight_decay, train_args.out_dir) == \
+        (1e-4, "cosine", 0.01, "out")
+    assert scst_args.max_length == train_args.max_length == 30
