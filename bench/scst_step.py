@@ -5,9 +5,9 @@ weights, image tokens and sampled captions:
             the sampled captions, in which only the drawn tokens reach the output layer (what scst.py does);
   loop      the sampler's own step-by-step log-probabilities with autograd on, so that the backward pass runs
             through every decoding step and its KV cache (how scst.py did it before).
-Both then run the same backward pass. Prints seconds per micro-batch, their ratio, peak GPU memory on CUDA,
-and how far apart the two gradients are. Random weights by default, or a trained model.pt (--checkpoint),
-whose captions end at realistic lengths.
+Both then run the same backward pass. Prints seconds per micro-batch, the bytes autograd keeps for the
+backward pass (on any device), peak GPU memory on CUDA, their ratios, and how far apart the two gradients
+are. Random weights by default, or a trained model.pt (--checkpoint), whose captions end at realistic lengths.
 
     python bench/scst_step.py --device cuda
     python bench/scst_step.py --device cpu --checkpoint runs/scst/ce/model.pt --images 32 --samples 10
@@ -59,22 +59,31 @@ def loop(model, tokens, args, seed):
                                        torch.Generator().manual_seed(seed))
 
 
-def measure(method, model, tokens, args):
-    """-> (seconds per micro-batch, peak GPU memory in GiB or None, the last gradient, the last ids)."""
-    seconds = []
-    for repeat in range(args.repeats + 1):  # the first is a warm-up
-        model.zero_grad(set_to_none=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        synchronize(args.device)
-        start = time.perf_counter()
-        ids, logprobs = method(model, tokens, args, seed=repeat)
-        logprobs.sum().backward()  # a policy gradient's backward pass, with unit advantages
-        synchronize(args.device)
-        seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
+def run_once(method, model, tokens, args, seed):
+    """-> (seconds, peak GPU memory in GiB or None, GiB saved for the backward pass, the gradient, the ids) of
+    one micro-batch."""
+    cuda = args.device.startswith("cuda")
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(args.device)
+    start = time.perf_counter()
+    saved = {}  # bytes of the tensors autograd keeps for the backward pass, by storage
+
+    def pack(tensor):
+        saved[(tensor.untyped_storage().data_ptr(), tensor.device)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ids, logprobs = method(model, tokens, args, seed)
+    logprobs.sum().backward()  # a policy gradient's backward pass, with unit advantages
+    synchronize(args.device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return sum(seconds[1:]) / args.repeats, peak, gradient, ids
+    parameters = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
+    saved_gib = sum(n for key, n in saved.items() if key not in parameters) / 2 ** 30  # weights: there anyway
+    return seconds, peak, saved_gib, gradient, ids
 
 
 def main(args):
@@ -92,20 +101,28 @@ def main(args):
     print(f"device: {name}; decoder {decoder.n_layer} layers x {decoder.n_embd} "
           f"({args.checkpoint or 'random weights'}); {args.images} images x {args.samples} samples, "
           f"max length {args.max_length}, fp32")
-    one_s, one_peak, one_grad, ids = measure(one_pass, model, tokens, args)
-    loop_s, loop_peak, loop_grad, loop_ids = measure(loop, model, tokens, args)
+    methods = {"one pass": one_pass, "loop": loop}
+    runs = {name: [] for name in methods}
+    for repeat in range(args.repeats + 1):  # round 0 warms up; the order alternates, so neither always leads
+        for name in (list(methods) if repeat % 2 == 0 else list(methods)[::-1]):
+            runs[name].append(run_once(methods[name], model, tokens, args, seed=repeat))
+    (*_, one_grad, ids), (*_, loop_grad, loop_ids) = runs["one pass"][-1], runs["loop"][-1]
     assert torch.equal(ids, loop_ids), "the two methods sampled different captions"
     words = int((ids != config.eos_token_id).sum())
     difference = float((one_grad - loop_grad).norm() / loop_grad.norm())
     print(f"captions: {len(ids)}, {words / len(ids):.1f} words on average, padded to {ids.shape[1]} tokens")
-    print("| method | s per micro-batch | peak GPU memory (GiB) |")
-    print("|---|---|---|")
-    for method, s, peak in (("one pass", one_s, one_peak), ("loop", loop_s, loop_peak)):
-        print(f"| {method} | {s:.3f} | {'-' if peak is None else f'{peak:.2f}'} |")
-    print(f"loop / one pass: {loop_s / one_s:.2f}x the time"
-          + (f", {loop_peak / one_peak:.2f}x the peak memory" if one_peak else "")
+    print("| method | s per micro-batch | GiB saved for backward | peak GPU memory (GiB) |")
+    print("|---|---|---|---|")
+    figures = {}
+    for name in methods:
+        seconds = sum(r[0] for r in runs[name][1:]) / args.repeats
+        (_, peak, saved, *_) = runs[name][-1]
+        figures[name] = seconds, saved, peak
+        print(f"| {name} | {seconds:.3f} | {saved:.2f} | {'-' if peak is None else f'{peak:.2f}'} |")
+    (one_s, one_saved, one_peak), (loop_s, loop_saved, loop_peak) = figures["one pass"], figures["loop"]
+    print(f"loop / one pass: {loop_s / one_s:.2f}x the time, {loop_saved / one_saved:.2f}x the memory saved "
+          f"for backward" + (f", {loop_peak / one_peak:.2f}x the peak GPU memory" if one_peak else "")
           + f"; gradients differ by {difference:.1e} (relative norm)")
-
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

@@ -44,8 +44,9 @@ import json, sys
 print(", ".join(f"epoch {r[\"epoch\"]} val CIDEr-D {r[\"val_cider_d\"]:.4f}" for r in map(json.loads, sys.stdin)))')"
 done
 
-# 3. the controls: cross-entropy training for about as long as SCST took (6 + 6 extra epochs: 1,119 s, for the
-#    K = 10 run; 6 + 9: for the K = 20 run, 1,567 s), the best epoch picked by val CIDEr-D as SCST's
+# 3. the controls: cross-entropy training for at least as long as SCST took (6 more epochs: 1,119 s, against
+#    the K = 10 run's 961 s; 9 more: 1,793 s, against the K = 20 run's 1,567 s), the best epoch picked by val
+#    CIDEr-D as SCST's
 for epochs in 12 15; do
     control=ce-control$([ "$epochs" = 12 ] || echo "-$epochs")
     if [ ! -d "$runs/$control" ]; then
