@@ -192,6 +192,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     (["--samples-per-image", "1"], "--baseline others needs --samples-per-image 2 or more"),
     (["--max-length", "1"], "--max-length must be at least 2"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--bleu-weight", "-1"], "--bleu-weight must be >= 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--stop-after-steps", "-1"], "--stop-after-steps must be 0 (off) or more"),
     (["--device", "gpu0"], "--device gpu0: not a device torch knows"),  # train.py's checks, shared
@@ -211,3 +212,16 @@ def test_shared_flags_keep_each_scripts_defaults():
     assert (train_args.lr, train_args.lr_schedule, train_args.weight_decay, train_args.out_dir) == \
         (1e-4, "cosine", 0.01, "out")
     assert scst_args.max_length == train_args.max_length == 30
+
+
+def test_the_bleu_weight_adds_sentence_bleu_to_the_reward():
+    references = [["a dog runs on the grass", "a brown dog running in a field", "the dog is running outside"],
+                  ["a plate of food on a table", "a dish with rice and meat", "food served on a white plate"]]
+    cider = scst.CiderD(references)
+    captions = ["a dog running on the grass", "a plate of food on a table"]
+    plain = scst.caption_rewards(cider, references, 0, captions)
+    assert plain == cider.scores(0, captions)
+    mixed = scst.caption_rewards(cider, references, 0, captions, bleu_weight=0.5)
+    bonus = [m - p for m, p in zip(mixed, plain)]
+    assert bonus[0] > 0.1 and bonus[1] == pytest.approx(0.0, abs=0.05)  # the other image's caption scores ~0
+    assert bonus[0] <= 0.5
