@@ -5,8 +5,8 @@ CIDEr-D directly, instead of the likelihood of the reference captions.
     python scst.py --checkpoint out/model.pt --out-dir out/scst --data-dir ../shared/coco-mini
 
 Each optimizer step takes a batch of training images, samples --samples-per-image captions per image
-(captioner.sample_captions), rewards each with its CIDEr-D against the image's training references, and
-follows the policy gradient of -(reward - baseline) x log p(caption) (captioner.caption_logprobs). The
+(captioner.sample_captions), rewards each with its CIDEr-D against the image's training references (plus
+its sentence BLEU-4 x --bleu-weight), and follows the policy gradient of -(reward - baseline) x log p(caption) (captioner.caption_logprobs). The
 baseline is the mean reward of the image's other samples (default; "new self-critical") or that of its greedy
 caption (--baseline greedy, the paper's). The decoder runs in eval mode, dropout off: the policy sampled and
 improved is the one that captions at test time (on coco-mini's val split, this beat keeping dropout on, as
@@ -403,8 +403,9 @@ def get_args_parser():
     add("--temperature", type=float, default=1.0, help="sample from softmax(logits / temperature)")
     add("--baseline", choices=["others", "greedy"], default="others",
         help="others: the mean reward of the image's other samples; greedy: the greedy caption's reward")
-    add("--bleu-weight", type=float, default=0.0,
-        help="reward = CIDEr-D + this x sentence BLEU-4 (0-1) against the image's references (default 0)")
+    add("--bleu-weight", type=float, default=1.0,
+        help="reward = CIDEr-D + this x sentence BLEU-4 (0-1) against the image's references; 0: CIDEr-D "
+             "alone, which lowered beam-3 BLEU-4 on coco-mini's val split (default %(default)s)")
     # data, optimisation, validation and the run, as train.py, with other defaults (--max-length also limits
     # the sampled captions). SCST wants a small, constant LR; coco-mini's small decoder took 1e-4
     train.add_shared_arguments(parser)
