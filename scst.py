@@ -6,14 +6,15 @@ CIDEr-D directly, instead of the likelihood of the reference captions.
 
 Each optimizer step takes a batch of training images, samples --samples-per-image captions per image
 (captioner.sample_captions), rewards each with its CIDEr-D against the image's training references (plus
-its sentence BLEU-4 x --bleu-weight), and follows the policy gradient of -(reward - baseline) x log p(caption) (captioner.caption_logprobs). The
-baseline is the mean reward of the image's other samples (default; "new self-critical") or that of its greedy
-caption (--baseline greedy, the paper's). The decoder runs in eval mode, dropout off: the policy sampled and
-improved is the one that captions at test time (on coco-mini's val split, this beat keeping dropout on, as
-ruotianluo/ImageCaptioning.pytorch does, and it lets one pass sample and another score). Val CIDEr-D of greedy
-captions, measured once before training and after every epoch, picks the model kept in OUT/model.pt
-(train.py's format). The loop reuses train.py's machinery (optimizer, LR schedule, non-finite guard,
-checkpoints with exact --resume, torchrun processes) by importing it.
+its sentence BLEU-4 x --bleu-weight), and follows the policy gradient of -(reward - baseline) x log p(caption)
+(captioner.caption_logprobs). The baseline is the mean reward of the image's other samples (default; "new
+self-critical") or that of its greedy caption (--baseline greedy, the paper's). The decoder runs in eval mode,
+dropout off: the policy sampled and improved is the one that captions at test time (on coco-mini's val split,
+this beat keeping dropout on, as ruotianluo/ImageCaptioning.pytorch does, and it lets one pass sample and
+another score). Val CIDEr-D of greedy captions, measured once before training and after every epoch, picks
+the model kept in OUT/model.pt (train.py's format). The loop reuses train.py's flags and machinery
+(optimizer, LR schedule, non-finite guard, checkpoints with exact --resume, torchrun processes) by importing
+it.
 """
 
 import argparse
