@@ -12,15 +12,15 @@ self-critical") or that of its greedy caption (--baseline greedy, the paper's). 
 dropout off: the policy sampled and improved is the one that captions at test time (on coco-mini's val split,
 this beat keeping dropout on, as ruotianluo/ImageCaptioning.pytorch does, and it lets one pass sample and
 another score). Val CIDEr-D of greedy captions, measured once before training and after every epoch, picks
-the model kept in OUT/model.pt (train.py's format). The loop reuses train.py's flags and machinery
-(optimizer, LR schedule, non-finite guard, checkpoints with exact --resume, torchrun processes) by importing
-it.
+the model kept in OUT/model.pt (train.py's format).
+
+In reading order: CIDEr-D with fixed document frequencies, the rewards and the policy loss, the loop, and
+main. The optimisation (AdamW, the LR schedule, the non-finite guard) is train.py's, imported; the run's
+machinery (checkpoints with exact --resume, torchrun processes, the log) is support/run.py's, as for train.py.
 """
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import os
 import signal
@@ -34,11 +34,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-import train
-from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, caption_logprobs,
-                       ids_to_text, load_model, sample_captions, save_model)
+from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, caption_logprobs, ids_to_text,
+                       load_model, model_from_data, sample_captions, save_model, tokenizer_to_data)
 from data import training_splits
-from evaluate import coco_metrics, coco_tokenize
+from evaluate import coco_metrics
+from support.flags import add_shared_arguments, check_shared_args
+from support.processes import Processes, StopRequest, interrupt, my_share
+from support.ptb_tokenizer import coco_tokenize
+from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
+                         run_processes, save_checkpoint, seeded_generator)
+from train import get_lr, make_optimizer, optimizer_step, to_device
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- CIDEr-D with fixed document frequencies ----
@@ -134,25 +139,10 @@ def policy_loss(logprobs: torch.Tensor, rewards: torch.Tensor, baseline: torch.T
     return -((rewards - baseline).to(logprobs.device) * logprobs.float()).sum()
 
 
-def sample_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The sampling generator of one optimizer step on one process: a pure function of (seed, step, rank),
-    so that a resumed run draws the same captions without a generator state in the checkpoint."""
-    digest = hashlib.sha256(f"scst samples {seed} {step} {rank}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def epoch_windows(images: int, epoch: int, args, world_size: int = 1) -> list[list[int]]:
-    """The epoch's optimizer steps: windows of batch size x accumulation x world size training images, in an
-    order that is a pure function of (seed, epoch), as in train.py. The last, shorter window is kept."""
-    order = torch.randperm(images, generator=train.epoch_generator(args.seed, epoch)).tolist()
-    size = args.batch_size * args.accumulate_grad_batches * world_size
-    return [order[i:i + size] for i in range(0, images, size)]
-
-
 def accumulate_policy_gradient(policy, model, window, data, cider, generator, scaler, args, processes):
     """Sample, reward and backward over this process's images of one optimizer step, in micro-batches ->
-    (the step's loss over all processes, a tensor; tokens sampled here; summed reward, and samples, here)."""
-    images, weight = train.my_share(window, processes.rank, processes.world_size)
+    (the step's loss over all processes, a tensor; [summed reward, samples, tokens sampled] here)."""
+    images, weight = my_share(window, processes.rank, processes.world_size)
     S, device = args.samples_per_image, processes.device
     # The step's loss is the mean over the window's samples on all processes (see policy_loss); DDP averages
     # gradients over processes, which the factor world_size turns back into the sum.
@@ -164,7 +154,7 @@ def accumulate_policy_gradient(policy, model, window, data, cider, generator, sc
 
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     for k, batch in enumerate(batches):
-        image_tokens = train.to_device(torch.from_numpy(np.ascontiguousarray(data["tokens"][batch])), device)
+        image_tokens = to_device(torch.from_numpy(np.ascontiguousarray(data["tokens"][batch])), device)
         if args.baseline == "greedy":  # the test-time caption of the current model, as in the paper
             with autocast(device, args.precision):
                 greedy, _ = beam_search(model, image_tokens, 1, args.max_length)
@@ -187,7 +177,7 @@ def accumulate_policy_gradient(policy, model, window, data, cider, generator, sc
         reward_sum += float(rewards.sum()) * (weight > 0)
     if processes.world_size > 1:
         dist.all_reduce(step_loss)  # every process sees the same loss, so all stop together if it is bad
-    return step_loss / processes.world_size, tokens, (reward_sum, len(images) * S * (weight > 0))
+    return step_loss / processes.world_size, [reward_sum, len(images) * S * (weight > 0), tokens * (weight > 0)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,40 +188,39 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
     """The optimizer steps of one epoch from state.step_in_epoch on, as train.train_one_epoch. Returns False
     if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved)."""
     model.eval()  # no dropout: the policy sampled and improved is the one that captions at test time
-    windows = epoch_windows(len(data["items"]), epoch, args, processes.world_size)
+    # the epoch's optimizer steps: windows of images in an order that is a pure function of (seed, epoch)
+    order = torch.randperm(len(data["items"]), generator=seeded_generator("epoch order", args.seed, epoch))
+    size = args.batch_size * args.accumulate_grad_batches * processes.world_size
+    windows = [order[i:i + size].tolist() for i in range(0, len(order), size)]
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
-    interval, rewards = train.Interval(), torch.zeros(2)  # rewards: their sum, and how many
+    interval, totals = Interval(), [0.0, 0, 0]  # this process's summed reward, samples and tokens
     for window_index in range(state.step_in_epoch, len(windows)):
-        lr = train.get_lr(state.step, total_steps, args)
+        lr = get_lr(state.step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens, (reward_sum, samples) = accumulate_policy_gradient(
-            policy, model, windows[window_index], data, cider, sample_generator(args.seed, state.step,
-                                                                                processes.rank),
-            scaler, args, processes)
+        generator = seeded_generator("scst samples", args.seed, state.step, processes.rank)
+        loss, figures = accumulate_policy_gradient(policy, model, windows[window_index], data, cider, generator,
+                                                   scaler, args, processes)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        train.optimizer_step(optimizer, scaler, loss, grad_norm)
+        optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
         state.step_in_epoch = window_index + 1
-        interval.add(loss, tokens)
-        rewards += torch.tensor([reward_sum, samples])
+        interval.add(loss)
+        totals = [a + b for a, b in zip(totals, figures)]
         stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
         checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
         if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
-            if processes.world_size > 1:  # every process's samples (NCCL reduces device tensors only)
-                totals = rewards.to(processes.device)
-                dist.all_reduce(totals)
-                rewards = totals.cpu()
+            reward_sum, samples, tokens = processes.sum(totals)  # of every process
             record = {"type": "train", "step": state.step, "epoch": epoch,
-                      **interval.close(state.step, epoch), "reward": float(rewards[0] / rewards[1]), "lr": lr,
+                      **interval.close(state.step, epoch, tokens), "reward": reward_sum / samples, "lr": lr,
                       "grad_norm": float(grad_norm)}
             log(record, f"epoch {epoch} step {state.step}/{total_steps}: reward {record['reward']:.4f} loss "
                         f"{record['loss']:.4f} lr {lr:.2e} grad norm {record['grad_norm']:.2f} "
                         f"{record['ms_per_step']:.0f} ms/step {record['tokens_per_s']:.0f} tokens/s")
-            interval, rewards = train.Interval(), torch.zeros(2)
+            interval, totals = Interval(), [0.0, 0, 0]
         if checkpoint:
             save()
         if stop:
@@ -257,42 +246,64 @@ RESUME_MUST_MATCH = ("checkpoint", "data_dir", "batch_size", "accumulate_grad_ba
                      "min_lr_ratio", "weight_decay", "grad_clip", "max_length", "seed")
 
 
-def run_settings(args) -> dict:
-    return {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision", "max_epochs")}
+def run_settings(args, start: dict) -> dict:
+    """What a checkpoint records: the flags, and what the run needs of the starting model's archive (so that
+    --resume does not need that file again)."""
+    return {**{k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision", "max_epochs")}, "start": start}
+
+
+def starting_model(args, processes):
+    """-> (model, tokenizer, start, checkpoint): the model to fine-tune (the checkpoint's when resuming),
+    and `start`: the starting archive's preprocessing and embedding precision, which OUT/model.pt keeps."""
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), run_settings(args, {}),
+                                     RESUME_MUST_MATCH, processes.world_size)
+    if checkpoint and "start" in checkpoint["args"]:
+        model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
+                                           os.path.join(args.out_dir, "checkpoint.pt"))
+        return model, tokenizer, checkpoint["args"]["start"], checkpoint
+    model, tokenizer, archive = load_model(args.checkpoint)  # also for checkpoints from before "start"
+    start = {"preprocessing": archive["preprocessing"],
+             "embedding_precision": archive["metadata"].get("embedding_precision", "32")}
+    if checkpoint:
+        model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
+                                           os.path.join(args.out_dir, "checkpoint.pt"))
+    return model, tokenizer, start, checkpoint
+
+
+def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, start, files: RunFiles, began: float):
+    """Rank 0: validate; keep the model in OUT/model.pt if it beats the best so far (epoch -1: the start, so
+    that model.pt is never worse than the model fine-tuning began with)."""
+    scores = validate(model, splits["val"], args, device)
+    best = scores["val_cider_d"] > state.best_score
+    if best:
+        state.best_score = scores["val_cider_d"]
+        save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, start["preprocessing"],
+                   {"epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
+                    "val_cider_d": scores["val_cider_d"], "beam_size": 1, "scst_from": args.checkpoint,
+                    "embedding_precision": start["embedding_precision"]})
+    files.log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
+               "seconds": time.time() - began},
+              f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} "
+              f"(greedy){' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
 
 
 def main(args):
-    processes = train.Processes.start(args.device)
-    try:
-        with train.out_dir_lock(args.out_dir) if processes.is_main else contextlib.nullcontext():
-            fine_tune(args, processes)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_processes(args, fine_tune)
 
 
-def fine_tune(args, processes: train.Processes):
-    say = print if processes.is_main else (lambda *a, **k: None)
-    device = processes.device
-    train.check_out_dir(args)
-    checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
-    # the starting model; its archive also gives OUT/model.pt its preprocessing and embedding precision
-    model, tokenizer, archive = load_model(args.checkpoint)
-    checkpoint = None
-    if args.resume:
-        checkpoint = train.load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
-                                           processes.world_size)
-    precision = archive["metadata"].get("embedding_precision", "32")  # the image tokens the model learnt on
+def fine_tune(args, processes: Processes):
+    check_out_dir(args)
+    files, device = RunFiles(args, processes), processes.device
+    model, tokenizer, start, checkpoint = starting_model(args, processes)
     splits = training_splits(args.data_dir, model.config.vision_backbone, model.config.image_grid,
-                             args.cache_dir, precision, args.num_workers, processes)
-    if splits["train"]["preprocessing"] != archive["preprocessing"]:
+                             args.cache_dir, start["embedding_precision"], args.num_workers, processes)
+    if splits["train"]["preprocessing"] != start["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
-                         f"{splits['train']['preprocessing']}, the model with {archive['preprocessing']}")
-
+                         f"{splits['train']['preprocessing']}, the model with {start['preprocessing']}")
     # No seeding: nothing draws random numbers but the sampler (no dropout), whose generator is a pure
-    # function of the seed, the step and the process (sample_generator)
-    if checkpoint:
-        model, tokenizer = train.model_from(checkpoint, args, model.config.image_width)
+    # function of the seed, the step and the process
     if args.max_length > model.decoder.config.n_positions:
         raise SystemExit(f"error: the decoder reads at most {model.decoder.config.n_positions} tokens; lower "
                          f"--max-length ({args.max_length})")
@@ -301,97 +312,53 @@ def fine_tune(args, processes: train.Processes):
         split.update(references=[item.captions for item in split["items"]], tokenizer=tokenizer,
                      eos=tokenizer.eos_token_id)
     cider = CiderD(splits["train"]["references"])  # document frequencies of every training reference, once
-
-    optimizer = train.make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.precision == "16")
-    state = train.TrainState()
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(checkpoint["scaler"])
-        state = train.TrainState.from_checkpoint(checkpoint["state"])
+    state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()
     policy = Policy(model)
     train_policy = policy if processes.world_size == 1 else DistributedDataParallel(
         policy, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
 
     images = len(splits["train"]["items"])
     effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
-    steps_per_epoch = math.ceil(images / effective_batch)
-    total_steps = steps_per_epoch * args.max_epochs
-    parameters = sum(p.numel() for p in model.parameters())
-    say(f"device {device}, precision {args.precision}, model {args.checkpoint} "
-        f"({model.config.vision_backbone}, {parameters / 1e6:.1f}M parameters)")
-    say(f"train {images} images, val {len(splits['val']['items'])}; effective batch {args.batch_size} x "
-        f"{args.accumulate_grad_batches} x {processes.world_size} processes = {effective_batch} images x "
-        f"{args.samples_per_image} samples = "
-        f"{effective_batch * args.samples_per_image} captions; {steps_per_epoch} optimizer steps per epoch, "
-        f"{total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
-        f"temperature {args.temperature:g}")
-    say(f"outputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl")
-    if checkpoint:
-        say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
-
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if processes.is_main:
-        if args.overwrite and not args.resume:
-            for f in train.RUN_FILES:
-                if os.path.exists(os.path.join(args.out_dir, f)):
-                    os.remove(os.path.join(args.out_dir, f))
-        if checkpoint:
-            train.trim_log(log_path, state)
-
-    def log(record, line):
-        if processes.is_main:
-            print(line, flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    total_steps = math.ceil(images / effective_batch) * args.max_epochs
+    processes.say(
+        f"device {device}, precision {args.precision}, model {args.checkpoint} ({model.config.vision_backbone}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\ntrain {images} images, val "
+        f"{len(splits['val']['items'])}; effective batch {args.batch_size} x {args.accumulate_grad_batches} x "
+        f"{processes.world_size} processes = {effective_batch} images x {args.samples_per_image} samples = "
+        f"{effective_batch * args.samples_per_image} captions; {total_steps // args.max_epochs} optimizer steps "
+        f"per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
+        f"temperature {args.temperature:g}\noutputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), "
+        f"checkpoint.pt, log.jsonl" + (f"\nresuming at epoch {state.epoch}, step {state.step} "
+                                       f"({state.step_in_epoch} into the epoch)" if checkpoint else ""))
+    files.begin(replace=args.overwrite and not args.resume, resumed_state=state if checkpoint else None)
 
     def save():
-        train.save_checkpoint(checkpoint_path, processes, model, optimizer, scaler, state, tokenizer,
-                              run_settings(args))
+        save_checkpoint(files.checkpoint_path, processes, model, optimizer, scaler, state,
+                        tokenizer_to_data(tokenizer), run_settings(args, start))
 
-    def evaluate_epoch(epoch: int, start: float):
-        """Rank 0: validate; keep the model in OUT/model.pt if it beats the best so far (epoch -1: the
-        start, so that model.pt is never worse than the model fine-tuning began with)."""
-        scores = validate(model, splits["val"], args, device)
-        best = scores["val_cider_d"] > state.best_score
-        if best:
-            state.best_score = scores["val_cider_d"]
-            save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, archive["preprocessing"],
-                       {"epoch": epoch, "step": state.step, "val_bleu4_coco": scores["val_bleu4"],
-                        "val_cider_d": scores["val_cider_d"], "beam_size": 1, "scst_from": args.checkpoint,
-                        "embedding_precision": precision})
-        log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
-             "seconds": time.time() - start},
-            f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} "
-            f"(greedy){' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+    def evaluate_epoch(epoch: int, began: float):
+        if processes.is_main:
+            end_of_epoch(model, tokenizer, splits, epoch, state, args, device, start, files, began)
+        processes.barrier()
+        save()
 
-    with train.StopRequest(processes) as stop_request:
-        if not checkpoint:
-            if processes.is_main:
-                evaluate_epoch(-1, time.time())
-            processes.barrier()
-            save()  # a run stopped before its first epoch ends resumes without evaluating the start again
+    with StopRequest(processes) as stop_request:
+        if not checkpoint:  # the start; a run stopped before its first epoch ends does not evaluate it again
+            evaluate_epoch(-1, time.time())
         for epoch in range(state.epoch, args.max_epochs):
             state.epoch = epoch
-            epoch_start = time.time()
+            began = time.time()
             if not train_one_epoch(train_policy, model, optimizer, scaler, splits["train"], cider, epoch,
-                                   state, total_steps, args, processes, log, save, stop_request):
+                                   state, total_steps, args, processes, files.log, save, stop_request):
                 break
             state.epoch, state.step_in_epoch = epoch + 1, 0
-            if processes.is_main:
-                evaluate_epoch(epoch, epoch_start)
-            processes.barrier()
-            save()
+            evaluate_epoch(epoch, began)
             if stop_request.requested():
                 break
-    if stop_request.signal:
-        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {checkpoint_path} "
-                         f"holds it; --resume continues from there")
-    if state.epoch < args.max_epochs:
-        say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
-        return
-    say(f"done: best val CIDEr-D {state.best_score:.4f}; model in {args.out_dir}/model.pt")
+    files.end(stop_request, state, args.max_epochs,
+              f"done: best val CIDEr-D {state.best_score:.4f}; model in {args.out_dir}/model.pt")
 
 
 def get_args_parser():
@@ -409,7 +376,7 @@ def get_args_parser():
              "alone, which lowered beam-3 BLEU-4 on coco-mini's val split (default %(default)s)")
     # data, optimisation, validation and the run, as train.py, with other defaults (--max-length also limits
     # the sampled captions). SCST wants a small, constant LR; coco-mini's small decoder took 1e-4
-    train.add_shared_arguments(parser)
+    add_shared_arguments(parser)
     parser.set_defaults(max_epochs=3, batch_size=32, lr=5e-5, lr_schedule="constant", weight_decay=0.0,
                         out_dir="out/scst", log_interval=10, checkpoint_every=100)
     return parser
@@ -426,15 +393,20 @@ def check_args(args, parser):
         parser.error("--max-length must be at least 2 (one word and EOS)")
     if args.baseline == "others" and args.samples_per_image < 2:
         parser.error("--baseline others needs --samples-per-image 2 or more")
-    train.check_shared_args(args, parser)
+    check_shared_args(args, parser)
     args.checkpoint = os.path.abspath(args.checkpoint)
+    # the model this run starts from must outlive it: refuse to write over it (or delete it, --overwrite)
+    targets = {os.path.realpath(os.path.join(args.out_dir, name)) for name in ("model.pt", "checkpoint.pt")}
+    if os.path.realpath(args.checkpoint) in targets:
+        parser.error(f"--checkpoint {args.checkpoint} is where this run writes its own model.pt or "
+                     f"checkpoint.pt (--out-dir {args.out_dir}); choose another --out-dir")
 
 
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(args, parser)
-    signal.signal(signal.SIGTERM, train.interrupt)  # as Ctrl-C: a message rather than a silent death
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: a message rather than a silent death
     try:
         main(args)
     except (ArchiveError, OSError, ValueError) as e:

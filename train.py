@@ -9,7 +9,10 @@ data.py provides the captions and the backbone's image tokens (cached on disk); 
 loop: autocast (bf16, fp16 + GradScaler, or fp32), gradient accumulation whose gradient equals the one big
 batch, AdamW with warmup + cosine, clipping. After every epoch it measures the validation loss, BLEU-4 and
 CIDEr-D (real decoding) and keeps the best epoch in OUT/model.pt; the full training state goes to
-OUT/checkpoint.pt, so that --resume continues exactly where the run stopped.
+OUT/checkpoint.pt, so that --resume continues exactly where the run stopped (support/run.py).
+
+In reading order: batches, optimisation, train_one_epoch, validation, the flags, and main, whose train()
+is the setup and then the epoch loop.
 
 Several GPUs: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel; every optimizer step
 then sees batch size x accumulation x N captions, and rank 0 alone logs, evaluates and writes files.
@@ -17,86 +20,34 @@ then sees batch size x accumulation x N captions, and rank 0 alone logs, evaluat
 
 import argparse
 import contextlib
-import datetime
-import hashlib
-import json
 import math
 import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner import (ArchiveError, CaptionModel, CaptionerConfig, LockedError, atomic_torch_save,
-                       atomic_write_text, autocast, build_model, caption_image_tokens, check_backbone_name,
-                       cpu_state_dict, default_device, embedding_precision, file_lock, labelled_positions,
-                       remove_orphans, safe_torch_load, save_model, tokenizer_from_data, tokenizer_to_data)
-from data import DownloadError, default_cache_dir, tokenize_captions, training_splits
+from captioner import (ArchiveError, autocast, build_model, caption_image_tokens,
+                       embedding_precision, labelled_positions, model_from_data, save_model, tokenizer_to_data)
+from data import DownloadError, add_captions, training_splits
 from evaluate import coco_metrics
-
-CHECKPOINT_FORMAT = "captioner-checkpoint"
-CHECKPOINT_VERSION = 1
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- several processes (torchrun) ----
-
-@dataclass
-class Processes:
-    """This process among torchrun's (RANK, WORLD_SIZE, LOCAL_RANK); without torchrun, rank 0 of 1."""
-    rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-    wait_group: object = None  # a gloo group with a long timeout, for waiting on rank 0
-
-    @property
-    def is_main(self) -> bool:  # rank 0 logs, evaluates and writes files
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier(group=self.wait_group)
-
-    @classmethod
-    def start(cls, device: str) -> "Processes":
-        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        if world_size == 1:
-            return cls(0, 1, device)
-        if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) != world_size:
-            raise SystemExit("error: train.py runs on one machine (its processes share the embedding cache "
-                             "through memory maps); start torchrun with --nnodes=1")
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")  # gloo runs on CPUs (and the test)
-        # Waiting for rank 0 (a 20 GB download, embedding, evaluating) goes through a CPU group with a long
-        # timeout, so that it does not trip the short timeout meant to catch a hung GPU collective.
-        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-        return cls(rank, world_size, device, wait_group)
-
+from support.backbones import check_backbone_name
+from support.flags import add_shared_arguments, check_shared_args
+from support.processes import Processes, StopRequest, interrupt, my_share
+from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
+                         run_processes, save_checkpoint, seeded_generator)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Seeded by a hash of (seed, epoch): no two pairs share an order, as seed * 1000 + epoch would."""
-    return seeded_generator("epoch order", seed, epoch)
-
-
-def seeded_generator(purpose: str, seed: int, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{purpose} {seed} {epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def epoch_order(captions, epoch: int, seed: int, one_caption_per_image: bool) -> list[tuple[int, int]]:
     """(image, caption) pairs of one epoch, shuffled by a generator seeded from (seed, epoch) alone, so the
     order can be recomputed on resume."""
-    generator = epoch_generator(seed, epoch)
+    generator = seeded_generator("epoch order", seed, epoch)
     if one_caption_per_image:
         picks = [int(torch.randint(len(c), (1,), generator=generator)) for c in captions]
         pairs = list(enumerate(picks))
@@ -184,21 +135,6 @@ def make_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
-def my_share(window: list, rank: int, world_size: int) -> tuple[list, float]:
-    """This process's captions of one optimizer step's window, and their weight. Process r takes every
-    world_size-th caption. The epoch's last window can be too short to give every process one, but every
-    process must still join the gradient all-reduce: one left empty runs the window's first caption with
-    weight 0, which adds nothing to the gradient.
-
-    >>> my_share(["a", "b", "c"], rank=1, world_size=4)
-    (['b'], 1.0)
-    >>> my_share(["a", "b", "c"], rank=3, world_size=4)
-    (['a'], 0.0)
-    """
-    mine = window[rank::world_size]
-    return (mine, 1.0) if mine else (window[:1], 0.0)
-
-
 def accumulate_gradients(model, batches, scaler, processes: Processes, precision: str, weight: float = 1.0):
     """Forward and backward over this process's micro-batches of one optimizer step -> (mean token loss of
     the whole window over all processes, as a tensor; caption tokens in the window)."""
@@ -246,32 +182,6 @@ def optimizer_step(optimizer, scaler, loss, grad_norm=None):
     scaler.update()
 
 
-class Interval:
-    """The steps since the last log line. Their losses stay on the device until `close`, the one host
-    synchronisation of the interval, which also stops the run if one of them was not finite."""
-
-    def __init__(self):
-        self.losses, self.tokens, self.start = [], 0, time.time()
-
-    def add(self, loss, tokens: int):
-        self.losses.append(loss)
-        self.tokens += tokens
-
-    def close(self, step: int, epoch: int) -> dict:
-        """-> mean loss, ms/step and tokens/s of the interval, which ends at optimizer step `step`."""
-        losses = torch.stack(self.losses).tolist()
-        bad = [k for k, value in enumerate(losses) if not math.isfinite(value)]
-        if bad:
-            first = step - len(losses) + bad[0]
-            raise SystemExit(f"error: the training loss is {losses[bad[0]]} at step {first} (epoch {epoch}); "
-                             f"stopped, and no step with a non-finite loss changed the weights. With "
-                             f"--precision 16, --resume --precision bf16 (or 32) continues from the last "
-                             f"checkpoint; otherwise start a new run with a lower --lr (--overwrite)")
-        seconds = time.time() - self.start
-        return {"loss": sum(losses) / len(losses), "ms_per_step": 1000 * seconds / len(losses),
-                "tokens_per_s": self.tokens / seconds}
-
-
 def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log, save,
                     stop_request) -> bool:
     """Run the optimizer steps of one epoch from state.step_in_epoch on; save() writes a checkpoint. Returns
@@ -280,7 +190,7 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
     model.train()
     windows = epoch_windows(data["captions"], epoch, args, processes.world_size)
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
-    interval = Interval()
+    interval, interval_tokens = Interval(), 0
     for window_index in range(state.step_in_epoch, len(windows)):
         lr = get_lr(state.step, total_steps, args)
         for group in optimizer.param_groups:
@@ -296,16 +206,18 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
 
         state.step += 1
         state.step_in_epoch = window_index + 1
-        interval.add(loss, window_tokens)
+        interval.add(loss)
+        interval_tokens += window_tokens  # of all processes
         stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
         checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
         if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
             record = {"type": "train", "step": state.step, "epoch": epoch,
-                      **interval.close(state.step, epoch), "lr": lr, "grad_norm": float(grad_norm)}
+                      **interval.close(state.step, epoch, interval_tokens), "lr": lr,
+                      "grad_norm": float(grad_norm)}
             log(record, f"epoch {epoch} step {state.step}/{total_steps}: loss {record['loss']:.4f} "
                         f"lr {lr:.2e} grad norm {record['grad_norm']:.2f} {record['ms_per_step']:.0f} "
                         f"ms/step {record['tokens_per_s']:.0f} tokens/s")
-            interval = Interval()
+            interval, interval_tokens = Interval(), 0
         if checkpoint:
             save()
         if stop:
@@ -344,170 +256,7 @@ def validate(model, data, args, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ---- checkpoints ----
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # the epoch running (or next to run)
-    step_in_epoch: int = 0  # its optimizer steps done
-    best_score: float = -1.0  # the --select-by figure of the epoch in model.pt
-    best_val_loss: float = math.inf
-
-    @classmethod
-    def from_checkpoint(cls, state: dict) -> "TrainState":
-        state = dict(state)
-        if "best_bleu4" in state:  # checkpoints from before --select-by
-            state["best_score"] = state.pop("best_bleu4")
-        return cls(**state)
-
-
-# Settings that a resumed run must share with the run it continues. Others may change: --max-epochs (the LR
-# schedule is then recomputed for the new length), --precision (the image tokens keep the run's precision).
-RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size",
-                     "accumulate_grad_batches", "seed", "one_caption_per_image", "train_padding",
-                     "max_caption_tokens", "data_dir", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
-                     "weight_decay", "grad_clip", "beam_size", "max_length", "bucket_windows", "select_by")
-LEGACY = {"bucket_windows": 0, "select_by": "bleu4"}  # how runs from before these settings existed ran
-
-
-def rng_states() -> dict:
-    numpy_state = np.random.get_state()
-    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_states(states: dict):
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def save_checkpoint(path, processes, model, optimizer, scaler, state, tokenizer, settings: dict):
-    """Called by every process (each contributes its RNG state); rank 0 writes `path`. `settings`: plain
-    data that load_checkpoint compares on resume."""
-    model = getattr(model, "module", model)  # the model inside DistributedDataParallel
-    states = [rng_states()]
-    if processes.world_size > 1:
-        states = [None] * processes.world_size
-        dist.all_gather_object(states, rng_states())
-    if not processes.is_main:
-        return
-    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": cpu_state_dict(model),
-                  "config": asdict(model.config), "tokenizer": tokenizer_to_data(tokenizer),
-                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": asdict(state),
-                  "rng": states,  # one per process
-                  "args": {**settings, "world_size": processes.world_size}}
-    atomic_torch_save(checkpoint, path)
-
-
-def load_checkpoint(path: str, settings: dict, must_match, world_size: int) -> dict:
-    """Read a checkpoint; refuse it, naming the flags, if it was written with other `must_match` settings."""
-    checkpoint = safe_torch_load(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-    needed = {"model", "config", "tokenizer", "optimizer", "scaler", "state", "rng", "args"}
-    missing = needed - set(checkpoint)
-    if missing:
-        raise ArchiveError(f"{path}: damaged checkpoint: no {', '.join(sorted(missing))}")
-    saved = {**LEGACY, "world_size": 1, **checkpoint["args"]}
-    different = {k: (saved.get(k), settings[k]) for k in must_match if saved.get(k) != settings[k]}
-    if saved["world_size"] != world_size:
-        different["nproc-per-node"] = (saved["world_size"], world_size)
-    if different:
-        raise SystemExit(f"error: {path} was written with other settings; resume with the same ones: " +
-                         ", ".join(f"--{k.replace('_', '-')} {old!r} (now {new!r})"
-                                   for k, (old, new) in different.items()))
-    return checkpoint
-
-
-def trim_log(log_path: str, state: TrainState):
-    """On resume, drop the log records of what is about to run again: steps after the checkpoint, and the
-    validation of an epoch the checkpoint had not finished (a run can die between logging it and saving)."""
-    if not os.path.isfile(log_path):
-        return
-    with open(log_path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            unfinished_epoch = record["type"] == "epoch" and record["epoch"] >= state.epoch
-            if record["step"] <= state.step and not unfinished_epoch:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line cut short by the interruption
-    if len(kept) != len(lines):
-        atomic_write_text(log_path, "".join(kept))
-        print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {state.step} (to run again)")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- a run's safety: one run per out dir, signals ----
-
-@contextlib.contextmanager
-def out_dir_lock(out_dir: str):
-    """One run per --out-dir: a second one is refused at once, naming the first. Also finds a read-only
-    --out-dir before anything is built, and removes what a killed save left behind."""
-    lock_path = os.path.join(out_dir, ".lock")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666))
-    except OSError as e:  # PermissionError, or EROFS on a read-only file system
-        raise SystemExit(f"error: {out_dir}: cannot write here ({e.strerror}); choose another "
-                         f"--out-dir") from None
-    held = contextlib.ExitStack()  # entered here, so that only taking the lock is caught below, not the run
-    try:
-        held.enter_context(file_lock(lock_path, out_dir, wait=False))
-    except LockedError as e:
-        raise SystemExit(f"error: {e}; wait for it to finish or choose another --out-dir") from None
-    with held:
-        remove_orphans(out_dir)
-        yield
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM while training: finish the optimizer step, save a checkpoint, then stop.
-    A second signal stops at once (nothing is lost: --resume goes on from the last checkpoint)."""
-
-    def __init__(self, processes: Processes):
-        self.processes, self.signal = processes, None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        # os.write, not print: a handler that prints while the main thread prints raises "reentrant call"
-        os.write(2, f"{self.signal}: finishing this optimizer step, then saving a checkpoint (again to stop "
-                    f"at once)\n".encode())
-
-    def requested(self) -> bool:
-        """Whether to stop now; with several processes, all stop together (a collective: call it on all)."""
-        if self.processes.world_size == 1:
-            return self.signal is not None
-        flag = torch.tensor([float(self.signal is not None)], device=self.processes.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- main ----
+# ---- flags ----
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Train a caption decoder on frozen image embeddings", add_help=True)
@@ -549,60 +298,7 @@ def get_args_parser():
     return parser
 
 
-def add_shared_arguments(parser):
-    """The flags that scst.py shares with train.py (it sets some other defaults): data, optimisation,
-    validation decoding, and the run's files."""
-    add = parser.add_argument
-    add("--data-dir", default="data/coco",
-        help="folder with a Karpathy-format dataset_coco.json and its images")
-    add("--cache-dir", default=None, help="where image embeddings are cached (default: "
-                                          "$XDG_CACHE_HOME/captioner/embeddings or "
-                                          "~/.cache/captioner/embeddings)")
-    add("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-        help="image decoding workers per process while embedding (default: CPU cores, at most 8)")
-    # optimisation
-    add("--max-epochs", type=int, default=10, help="passes over the training data (default %(default)s)")
-    add("--batch-size", type=int, default=128,
-        help="micro-batch size (default %(default)s): captions in train.py (the original: 32), images in "
-             "scst.py (each sampled --samples-per-image times)")
-    add("--accumulate-grad-batches", type=int, default=1,
-        help="micro-batches per optimizer step (effective batch = batch size x this x processes; the "
-             "original: 4)")
-    add("--lr", type=float, default=1e-4,
-        help="peak learning rate (default %(default)s; 1e-4 suits fine-tuning distilgpt2, ~1e-3 a small "
-             "decoder trained from scratch; SCST wants less: 1e-4 on coco-mini's small decoder)")
-    add("--lr-schedule", choices=["cosine", "constant"], default="cosine",
-        help="cosine: linear warmup then cosine decay; constant: a fixed LR, the original's (default "
-             "%(default)s)")
-    add("--warmup-fraction", type=float, default=0.05, help="share of all steps spent warming up (cosine)")
-    add("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr (cosine)")
-    add("--weight-decay", type=float, default=0.01,
-        help="AdamW decay on weight matrices (default %(default)s)")
-    add("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
-    add("--precision", choices=["auto", "16", "bf16", "32"], default="auto",
-        help="16: fp16 autocast + GradScaler (the original; for GPUs without bf16); bf16: bf16 autocast; "
-             "32: fp32 (TF32 on CUDA). auto: bf16 on a GPU that has it, else 16 on CUDA, else 32")
-    add("--seed", type=int, default=0, help="seeds every RNG and the data order")
-    # validation after each epoch
-    add("--max-length", type=int, default=30, help="most tokens per decoded caption, EOS included")
-    add("--eval-batch-size", type=int, default=128, help="images decoded together")
-    # run
-    add("--out-dir", default="out",
-        help="model.pt, checkpoint.pt and log.jsonl go here (default %(default)s)")
-    add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
-    add("--overwrite", action="store_true", help="start over even if OUT holds another run")
-    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    add("--log-interval", type=int, default=50, help="optimizer steps per log line (default %(default)s)")
-    add("--checkpoint-every", type=int, default=500,
-        help="also save OUT/checkpoint.pt every N optimizer steps (0: only after each epoch; default "
-             "%(default)s)")
-    add("--stop-after-steps", type=int, default=0,
-        help="save a checkpoint and exit after N optimizer steps of this invocation (0: run to the end); "
-             "continue with --resume")
-
-
 MAX_IMAGE_GRID = 16  # 257 image tokens; the backbones' patch grids are 7 x 7 to 24 x 24
-RUN_FILES = ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")
 
 
 def check_args(args, parser):
@@ -623,154 +319,64 @@ def check_args(args, parser):
         args.tokens_on_device = torch.device(args.device).type == "cuda"
 
 
-def check_shared_args(args, parser):
-    """Checks the flags of add_shared_arguments, and resolves --device, --precision auto and --cache-dir."""
-    for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "eval_batch_size", "max_length",
-                 "log_interval"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("checkpoint_every", "stop_after_steps", "num_workers"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 (off) or more")
-    for name in ("lr", "weight_decay", "grad_clip", "warmup_fraction", "min_lr_ratio"):
-        if not math.isfinite(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
-    if args.lr <= 0 or args.grad_clip <= 0 or args.weight_decay < 0:
-        parser.error("--lr and --grad-clip must be > 0, --weight-decay >= 0")
-    if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
-        parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor "
-                     "would end the run in gradient ascent)")
-    args.device = args.device or default_device()
-    try:
-        cuda = torch.device(args.device).type == "cuda"
-    except RuntimeError:
-        parser.error(f"--device {args.device}: not a device torch knows (cuda, cuda:N, mps, cpu)")
-    if cuda and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is available here")
-    if args.precision == "auto":  # emulated bf16 (T4, V100) is slower than fp16 + GradScaler
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16") \
-            if cuda else "32"
-    if args.precision == "16" and not cuda:
-        print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
-        args.precision = "32"
-    args.cache_dir = args.cache_dir or default_cache_dir()
-    args.data_dir = os.path.abspath(args.data_dir)
+# ---------------------------------------------------------------------------------------------------------
+# ---- main ----
 
-
-def check_out_dir(args):
-    """Refuse early to overwrite or to resume what is not there."""
-    checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(checkpoint_path):
-        raise SystemExit(f"error: --resume: {checkpoint_path} does not exist")
-    if not args.resume and not args.overwrite and any(os.path.exists(os.path.join(args.out_dir, f))
-                                                      for f in RUN_FILES):
-        raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out-dir")
+# Settings that a resumed run must share with the run it continues. Others may change: --max-epochs (the LR
+# schedule is then recomputed for the new length), --precision (the image tokens keep the run's precision).
+RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size",
+                     "accumulate_grad_batches", "seed", "one_caption_per_image", "train_padding",
+                     "max_caption_tokens", "data_dir", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
+                     "weight_decay", "grad_clip", "beam_size", "max_length", "bucket_windows", "select_by")
 
 
 def run_settings(args) -> dict:
     """What a checkpoint records of the run's flags."""
-    recorded = RESUME_MUST_MATCH + ("precision", "max_epochs", "embedding_precision")
-    return {k: getattr(args, k) for k in recorded}
+    return {k: getattr(args, k) for k in RESUME_MUST_MATCH + ("precision", "max_epochs", "embedding_precision")}
 
 
-def model_from(checkpoint, args, image_width: int):
-    """The model and tokenizer: the checkpoint's when resuming, else a new model around the pretrained LM."""
-    if checkpoint is None:
-        return build_model(args.language_model, args.vision_backbone, image_width=image_width,
-                           image_grid=args.image_grid)
-    try:
-        model = CaptionModel(CaptionerConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-        return model, tokenizer_from_data(checkpoint["tokenizer"])
-    except Exception as e:
-        raise ArchiveError(f"{args.out_dir}/checkpoint.pt: damaged checkpoint: {e}") from None
-
-
-def main(args):
-    processes = Processes.start(args.device)
-    try:
-        with out_dir_lock(args.out_dir) if processes.is_main else contextlib.nullcontext():
-            train(args, processes)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args, processes: Processes):
-    say = print if processes.is_main else (lambda *a, **k: None)
-    device = processes.device
-    check_out_dir(args)
-    checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
-    # image tokens keep the precision the run started with, whatever --precision a resumed run gives
-    args.embedding_precision = embedding_precision(device, args.precision)
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
-                                     processes.world_size)
-        args.embedding_precision = checkpoint["args"].get("embedding_precision", "32")
-
-    # data: captions and cached image tokens
-    splits = training_splits(args.data_dir, args.vision_backbone, args.image_grid, args.cache_dir,
-                             args.embedding_precision, args.num_workers, processes, args.download)
-
-    # model. Seeded after the cache: loading a backbone to build it draws random numbers (weight init), and
-    # whether that happened must not change the decoder's initialisation or the dropout masks.
+def setup_model(args, processes, checkpoint, image_width: int):
+    """-> (model on the device, tokenizer): the checkpoint's when resuming, else a new model around the
+    pretrained LM. Seeded after the cache: loading a backbone to build it draws random numbers (weight
+    init), and whether that happened must not change the decoder's initialisation or the dropout masks."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # also seeds every CUDA device
-    model, tokenizer = model_from(checkpoint, args, image_width=splits["train"]["tokens"].shape[2])
+    if checkpoint is None:
+        model, tokenizer = build_model(args.language_model, args.vision_backbone, image_width, args.image_grid)
+    else:
+        model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
+                                           os.path.join(args.out_dir, "checkpoint.pt"))
     torch.manual_seed(args.seed + processes.rank)  # the same weights everywhere, each its own dropout masks
     positions = model.decoder.config.n_positions
     if max(args.max_caption_tokens, args.max_length) > positions:
         raise SystemExit(f"error: {args.language_model} reads at most {positions} tokens; lower "
                          f"--max-caption-tokens ({args.max_caption_tokens}) and --max-length "
                          f"({args.max_length})")
-    model.to(device)
-    if torch.device(device).type == "cuda":
+    if torch.device(processes.device).type == "cuda":
         # TF32 matmuls for the fp32 parts (all of --precision 32): ~fp32 accuracy at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    for split in splits.values():
-        split.update(captions=tokenize_captions(tokenizer, split["items"], args.max_caption_tokens),
-                     references=[item.captions for item in split["items"]], eos=tokenizer.eos_token_id,
-                     tokenizer=tokenizer, host_tokens=split["tokens"])
-        if args.tokens_on_device:  # 1.7 GB for COCO's train split: batches are then gathered on the GPU
-            split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(device)
+    return model.to(processes.device), tokenizer
 
-    # optimizer, and where a resumed run stands
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.precision == "16")
-    state = TrainState()
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] and scaler.is_enabled():  # empty when the run so far was not fp16
-            scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState.from_checkpoint(checkpoint["state"])
-        set_rng_states(checkpoint["rng"][processes.rank])
-    # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
-    train_model = model if processes.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
 
-    train_captions = sum(len(c) for c in splits["train"]["captions"])
+def describe_run(args, processes, model, splits, state, checkpoint, steps_per_epoch: int):
+    """The run's figures, printed once at start (rank 0)."""
+    say, train_captions = processes.say, sum(len(c) for c in splits["train"]["captions"])
     captions_per_epoch = len(splits["train"]["items"]) if args.one_caption_per_image else train_captions
-    effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
-    steps_per_epoch = math.ceil(captions_per_epoch / effective_batch)
     total_steps = steps_per_epoch * args.max_epochs
-    windows = epoch_windows(splits["train"]["captions"], 0, args, processes.world_size)
-    say(f"device {device}, precision {args.precision}, decoder {args.language_model} "
+    say(f"device {processes.device}, precision {args.precision}, decoder {args.language_model} "
         f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), backbone "
         f"{args.vision_backbone}, {model.config.num_image_tokens} image tokens per image")
     say(f"train {len(splits['train']['items'])} images / {train_captions} captions, val "
         f"{len(splits['val']['items'])} images; {captions_per_epoch} captions per epoch")
     say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} "
-        f"process{'es' if processes.world_size > 1 else ''} = {effective_batch} captions; {steps_per_epoch} "
+        f"process{'es' if processes.world_size > 1 else ''} = "
+        f"{args.batch_size * args.accumulate_grad_batches * processes.world_size} captions; {steps_per_epoch} "
         f"optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
-    padding = padding_fraction(windows, splits["train"]["captions"], args.batch_size)
-    say(f"padding: {padding:.1%} of the token positions in micro-batches (--bucket-windows "
-        f"{args.bucket_windows})")
+    windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
+    say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
+        f"positions in epoch {state.epoch}'s micro-batches (--bucket-windows {args.bucket_windows})")
     say(f"outputs: {args.out_dir}/model.pt (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
@@ -785,25 +391,66 @@ def train(args, processes: Processes):
                 f"{get_lr(state.step, steps_per_epoch * old_epochs, args):.2e} to "
                 f"{get_lr(state.step, total_steps, args):.2e} and then decays to the new end")
 
-    # Everything is in place: only now replace an old run (--overwrite) or forget what follows the checkpoint.
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if processes.is_main:
-        if args.overwrite and not args.resume:
-            for f in RUN_FILES:
-                if os.path.exists(os.path.join(args.out_dir, f)):
-                    os.remove(os.path.join(args.out_dir, f))
-        if checkpoint:
-            trim_log(log_path, state)
 
-    def log(record, line):
-        if processes.is_main:
-            print(line, flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: RunFiles, start: float):
+    """Rank 0: validate, keep the model in OUT/model.pt if it is the best so far, log the epoch."""
+    scores = validate(model, splits["val"], args, device)
+    score = scores[f"val_{args.select_by}"]
+    best = (score, -scores["val_loss"]) > (state.best_score, -state.best_val_loss)  # ties: lower val loss
+    if best:
+        state.best_score, state.best_val_loss = score, scores["val_loss"]
+        save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, splits["train"]["preprocessing"],
+                   {"epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
+                    "val_cider_d": scores["val_cider_d"], "val_loss": scores["val_loss"],
+                    "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
+    files.log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
+               "seconds": time.time() - start},
+              f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, CIDEr-D "
+              f"{scores['val_cider_d']:.4f} (beam {args.beam_size}){' (best so far, saved model.pt)' if best else ''}"
+              f"; e.g. {scores['example']!r}")
+
+
+def main(args):
+    run_processes(args, train)
+
+
+def train(args, processes: Processes):
+    check_out_dir(args)
+    files = RunFiles(args, processes)
+    # image tokens keep the precision the run started with, whatever --precision a resumed run gives
+    args.embedding_precision = embedding_precision(processes.device, args.precision)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(files.checkpoint_path, run_settings(args), RESUME_MUST_MATCH,
+                                     processes.world_size)
+        args.embedding_precision = checkpoint["args"].get("embedding_precision", "32")
+
+    splits = training_splits(args.data_dir, args.vision_backbone, args.image_grid, args.cache_dir,
+                             args.embedding_precision, args.num_workers, processes, args.download)
+    model, tokenizer = setup_model(args, processes, checkpoint, splits["train"]["tokens"].shape[2])
+    add_captions(splits, tokenizer, args.max_caption_tokens)
+    if args.tokens_on_device:  # 1.7 GB for COCO's train split: batches are then gathered on the GPU
+        for split in splits.values():
+            split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(processes.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(processes.device).type, enabled=args.precision == "16")
+    state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()
+    # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
+    train_model = model if processes.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[torch.device(processes.device)] if processes.device.startswith("cuda") else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    captions_per_epoch = (len(splits["train"]["items"]) if args.one_caption_per_image
+                          else sum(len(c) for c in splits["train"]["captions"]))
+    steps_per_epoch = math.ceil(
+        captions_per_epoch / (args.batch_size * args.accumulate_grad_batches * processes.world_size))
+    total_steps = steps_per_epoch * args.max_epochs
+    describe_run(args, processes, model, splits, state, checkpoint, steps_per_epoch)
+    files.begin(replace=args.overwrite and not args.resume, resumed_state=state if checkpoint else None)
 
     def save():
-        save_checkpoint(checkpoint_path, processes, model, optimizer, scaler, state, tokenizer,
-                        run_settings(args))
+        save_checkpoint(files.checkpoint_path, processes, model, optimizer, scaler, state,
+                        tokenizer_to_data(tokenizer), run_settings(args))
 
     # the epoch loop
     with StopRequest(processes) as stop_request:
@@ -811,37 +458,18 @@ def train(args, processes: Processes):
             state.epoch = epoch
             epoch_start = time.time()
             if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps,
-                                   args, processes, log, save, stop_request):
+                                   args, processes, files.log, save, stop_request):
                 break
             state.epoch, state.step_in_epoch = epoch + 1, 0
             if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
-                scores = validate(model, splits["val"], args, device)
-                # ties (0.0 early on, say) go to the lower validation loss
-                score = scores[f"val_{args.select_by}"]
-                best = (score, -scores["val_loss"]) > (state.best_score, -state.best_val_loss)
-                if best:
-                    state.best_score, state.best_val_loss = score, scores["val_loss"]
-                    save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer,
-                               splits["train"]["preprocessing"],
-                               {"epoch": epoch, "step": state.step, "val_bleu4_coco": scores["val_bleu4"],
-                                "val_cider_d": scores["val_cider_d"], "val_loss": scores["val_loss"],
-                                "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
-                log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
-                     "seconds": time.time() - epoch_start},
-                    f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, "
-                    f"CIDEr-D {scores['val_cider_d']:.4f} (beam {args.beam_size})"
-                    f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+                end_of_epoch(model, tokenizer, splits, epoch, state, args, processes.device, files,
+                             epoch_start)
             processes.barrier()
             save()
             if stop_request.requested():
                 break
-    if stop_request.signal:
-        raise SystemExit(f"error: stopped by {stop_request.signal} at step {state.step}: {checkpoint_path} "
-                         f"holds it; --resume continues from there")
-    if state.epoch < args.max_epochs:
-        say(f"stopped after {args.stop_after_steps} steps; continue with --resume")
-        return
-    say(f"done: best val {args.select_by} {state.best_score:.4f}; model in {args.out_dir}/model.pt")
+    files.end(stop_request, state, args.max_epochs,
+              f"done: best val {args.select_by} {state.best_score:.4f}; model in {args.out_dir}/model.pt")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from transformers import GPT2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train  # noqa: E402
+from support.processes import Processes  # noqa: E402
 from captioner import CaptionModel, CaptionerConfig  # noqa: E402
 
 KARPATHY_TRAIN_CAPTIONS = 566_747  # train + restval: 113,287 images with 5 or more captions each
@@ -128,7 +129,7 @@ def main(args):
         per_token, per_image_token = matmul_parameters(model)
         optimizer = train.make_optimizer(model, 1e-4, 0.01)
         scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=precision == "16")
-        processes = train.Processes(rank=0, world_size=1, device=args.device)
+        processes = Processes(rank=0, world_size=1, device=args.device)
         step_model = torch.compile(model) if compiled else model
         tokens_source = torch.from_numpy(host_tokens).to(args.device) if on_device else host_tokens
         settings = SimpleNamespace(seed=0, one_caption_per_image=False, batch_size=batch_size,

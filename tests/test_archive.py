@@ -115,7 +115,7 @@ def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
 
 
 def test_saved_files_follow_the_umask(archive, tmp_path):
-    from captioner import atomic_write
+    from support.files import atomic_write
     old = os.umask(0o022)
     try:
         atomic_write(str(tmp_path / "f.json"), lambda f: f.write(b"{}"))
@@ -128,7 +128,7 @@ def test_saved_files_follow_the_umask(archive, tmp_path):
 
 
 def test_tied_weights_are_stored_once(archive):
-    from captioner import cpu_state_dict
+    from support.files import cpu_state_dict
     state = cpu_state_dict(archive[1])
     assert state["decoder.lm_head.weight"] is state["decoder.transformer.wte.weight"]
     saved = torch.load(archive[0], weights_only=True)["state_dict"]
@@ -138,7 +138,7 @@ def test_tied_weights_are_stored_once(archive):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: .cpu() copies each key off a GPU")
 def test_tied_weights_from_a_gpu_model_are_stored_once(archive):
-    from captioner import cpu_state_dict
+    from support.files import cpu_state_dict
     state = cpu_state_dict(archive[1].cuda())
     assert state["decoder.lm_head.weight"] is state["decoder.transformer.wte.weight"]
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import captioner
-from captioner import (BLIPBackbone, available_backbones, check_backbone_name, load_backbone,
-                       load_blip_vision)
+import support.backbones as backbones
+from support.backbones import (BLIPBackbone, available_backbones, check_backbone_name, load_backbone,
+                                load_blip_vision)
 
 TINY = {"image": 32, "patch": 8, "width": 64, "depth": 2, "heads": 2}  # a 4 x 4 patch grid
 
@@ -106,7 +106,7 @@ def tiny_checkpoint(tmp_path):
 def test_blip_base_is_registered():
     assert "blip:base" in available_backbones()
     assert check_backbone_name("blip:base") == "blip:base"
-    assert captioner.BLIP_CHECKPOINTS["blip:base"].endswith("/BLIP/models/model_base_capfilt_large.pth")
+    assert backbones.BLIP_CHECKPOINTS["blip:base"].endswith("/BLIP/models/model_base_capfilt_large.pth")
 
 
 def test_key_map_loads_and_matches_the_reference_forward(tiny_checkpoint):
@@ -114,8 +114,8 @@ def test_key_map_loads_and_matches_the_reference_forward(tiny_checkpoint):
     backbone = BLIPBackbone(checkpoint=path, num_heads=TINY["heads"])
     assert backbone.width == 64 and not backbone.vision.training
     assert not any(p.requires_grad for p in backbone.parameters())
-    assert backbone.preprocessing == {"size": 32, "resize": "squash", "mean": captioner.CLIP_MEAN,
-                                      "std": captioner.CLIP_STD}
+    assert backbone.preprocessing == {"size": 32, "resize": "squash", "mean": backbones.CLIP_MEAN,
+                                      "std": backbones.CLIP_STD}
     assert backbone.vision.config.layer_norm_eps == 1e-6
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_load_backbone_by_name_reads_the_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     backbone = load_backbone("blip:base")  # width 64 -> 64 // 64 = 1 head by default
     cached = str(tmp_path / "hub" / "checkpoints" / "model_base_capfilt_large.pth")
-    assert fetched == [(captioner.BLIP_CHECKPOINTS["blip:base"], cached)]
+    assert fetched == [(backbones.BLIP_CHECKPOINTS["blip:base"], cached)]
     load_backbone("blip:base")
     assert len(fetched) == 1  # the second load found it in the cache
     pixels = torch.randn(1, 3, 32, 32)

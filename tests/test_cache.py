@@ -9,7 +9,11 @@ import pytest
 import torch
 
 import data
-from captioner import embedding_precision, load_backbone
+import support.embedding_cache as embedding_cache
+import support.images as images
+from captioner import embedding_precision
+from support.backbones import load_backbone
+from support.processes import Processes
 from conftest import run_train, train_argv
 
 
@@ -56,7 +60,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(tiny_dataset, tiny_clip_dir, tm
     name = f"clip:{tiny_clip_dir}"
     tokens, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     expected = np.array(tokens)
-    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    cache = embedding_cache.TokenCache.of(items, "val", name, 2, str(tmp_path))
     npy_path, meta_path = cache.path(".npy"), cache.path(".json")
     with open(npy_path, "r+b") as f:
         f.truncate(100)
@@ -106,7 +110,7 @@ def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_cl
     np.testing.assert_array_equal(view[1:3], tokens[4:6])
     readable = again[4:]
     # nothing to drop: no view
-    assert data.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable
+    assert embedding_cache.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable
 
 
 def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_dir, tmp_path):
@@ -134,16 +138,16 @@ class Interrupt(Exception):
 
 
 def counting(backbone, seen, stop_after_batches=None):
-    """Wrap backbone.image_tokens: count the images it embeds, and raise after some batches if asked."""
-    real = backbone.image_tokens
+    """Wrap backbone.features: count the images it embeds, and raise after some batches if asked."""
+    real = backbone.features
 
-    def image_tokens(pixels, grid):
+    def features(pixels):
         if stop_after_batches is not None and len(seen) == stop_after_batches:
             raise Interrupt()
         seen.append(len(pixels))
-        return real(pixels, grid)
+        return real(pixels)
 
-    backbone.image_tokens = image_tokens
+    backbone.features = features
     return backbone
 
 
@@ -159,7 +163,7 @@ def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_d
             get_backbone=lambda: counting(load_backbone(name), first, stop_after_batches=2))
     assert first == [4, 4]
     partial = [f for f in os.listdir(tmp_path / "b") if ".partial" in f]
-    assert len(partial) == 3 and all(f.startswith(os.path.basename(data.TokenCache.of(
+    assert len(partial) == 3 and all(f.startswith(os.path.basename(embedding_cache.TokenCache.of(
         items, "train", name, 2, str(tmp_path / "b")).stem)) for f in partial)  # named after the cache key
     tokens, meta = data.cached_image_tokens(
         items, "train", name, 2, str(tmp_path / "b"), batch_size=4, num_workers=2,
@@ -177,7 +181,7 @@ def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tm
         data.cached_image_tokens(
             items, "val", name, 2, str(tmp_path), batch_size=2, num_workers=0,
             get_backbone=lambda: counting(load_backbone(name), [], stop_after_batches=1))
-    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    cache = embedding_cache.TokenCache.of(items, "val", name, 2, str(tmp_path))
     with open(cache.path(".partial.npy"), "r+b") as f:
         f.truncate(200)
     seen = []
@@ -192,18 +196,19 @@ def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_di
     name = f"clip:{tiny_clip_dir}"
     expected, expected_meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "one"),
                                                         batch_size=4, num_workers=0)
-    cache = data.TokenCache.of(items, "train", name, 2, str(tmp_path / "two"))
+    cache = embedding_cache.TokenCache.of(items, "train", name, 2, str(tmp_path / "two"))
     backbone = load_backbone(name)
-    data.prepare_token_cache(cache, backbone.width)  # rank 0, then a barrier
-    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=1,
-                                  world_size=2) == 8
+    embedding_cache.prepare_token_cache(cache, backbone.width)  # rank 0, then a barrier
+    encode = data.token_encoder(2, "cpu", "32")
+    assert embedding_cache.embed_token_share(cache, items, backbone, encode, batch_size=4, num_workers=0,
+                                             rank=1, world_size=2) == 8
     with pytest.raises(RuntimeError, match="8 of 16 images are not embedded yet"):
-        data.publish_token_cache(cache, items, backbone.preprocessing)
-    assert data.embed_token_share(cache, items, backbone, batch_size=4, num_workers=0, rank=0,
-                                  world_size=2) == 8
-    data.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
-    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"), rank=1,
-                                             world_size=2, get_backbone=no_backbone)
+        embedding_cache.publish_token_cache(cache, items, backbone.preprocessing)
+    assert embedding_cache.embed_token_share(cache, items, backbone, encode, batch_size=4, num_workers=0,
+                                             rank=0, world_size=2) == 8
+    embedding_cache.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
+    tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"),
+                                             processes=Processes(rank=1, world_size=2), get_backbone=no_backbone)
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
     assert {k: v for k, v in meta.items() if "unreadable_file" != k} == \
         {k: v for k, v in expected_meta.items() if "unreadable_file" != k}
@@ -214,7 +219,7 @@ def test_the_precision_is_part_of_the_key_and_cpu_stays_fp32(tiny_dataset):
     assert [embedding_precision(d, p) for d, p in [("cpu", "16"), ("cpu", "bf16"), ("cuda", "16"),
                                                          ("cuda:1", "bf16"), ("cuda", "32")]] == \
         ["32", "32", "16", "bf16", "32"]
-    keys = {data.TokenCache.of(items, "val", "efficientnet-lite0", 3, "c", precision).key
+    keys = {embedding_cache.TokenCache.of(items, "val", "efficientnet-lite0", 3, "c", precision).key
             for precision in ("32", "16", "bf16")}
     assert len(keys) == 3
     with pytest.raises(ValueError, match="precision must be 32, 16 or bf16, not 'fp16'"):
@@ -228,7 +233,7 @@ def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_data
     items = data.read_karpathy(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     fp32, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
-    mixed, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), "cuda", num_workers=2,
+    mixed, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), device="cuda", num_workers=2,
                                             precision=precision)
     assert meta["precision"] == precision
     np.testing.assert_allclose(np.array(mixed, np.float32), np.array(fp32, np.float32), atol=0.1, rtol=0.05)
@@ -248,7 +253,7 @@ def test_a_moved_data_folder_keeps_its_cache(tiny_dataset, tiny_clip_dir, tmp_pa
 def test_a_bug_is_not_recorded_as_an_unreadable_image(tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch):
     def broken(image, preprocessing):
         raise TypeError("a programming error")
-    monkeypatch.setattr(data, "preprocess_image", broken)
+    monkeypatch.setattr(images, "preprocess_image", broken)
     items = data.read_karpathy(tiny_dataset, "val")
     with pytest.raises(TypeError, match="a programming error"):
         data.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)

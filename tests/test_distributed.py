@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import train
-from captioner import safe_torch_load
+from support.files import safe_torch_load
 from conftest import write_dataset
 from make_small_decoder import make_small_decoder
 
@@ -64,8 +64,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_clip_dir):
         for key in ("loss", "grad_norm", "val_loss", "val_bleu4"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
-    final_one = safe_torch_load(str(one / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
-    final_two = safe_torch_load(str(two / "checkpoint.pt"), train.CHECKPOINT_FORMAT)
+    final_one = safe_torch_load(str(one / "checkpoint.pt"))
+    final_two = safe_torch_load(str(two / "checkpoint.pt"))
     assert final_two["state"] == final_one["state"] and len(final_two["rng"]) == 2
     # Summation order differs (two partial gradients, then their sum), and Adam divides by sqrt(v), so
     # weights whose gradient is ~0 can differ by a few 1e-6; a real difference would be of the size of the

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-import data as coco
+import support.coco_download as coco
 import train
 from conftest import write_dataset
 

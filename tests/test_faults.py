@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 import data
+import support.embedding_cache as embedding_cache
 import train
-from captioner import ArchiveError, build_model, file_lock, load_backbone, load_image, load_model, save_model
+from captioner import ArchiveError, build_model, load_backbone, load_image, load_model, save_model
+from support.files import file_lock
 from conftest import read_log, run_train, train_argv, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +226,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused_at_once(run, tmp_path):
 
 def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, tiny_clip_dir, tmp_path):
     items = data.read_karpathy(tiny_dataset, "train")
-    cache = data.TokenCache.of(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "cache"))
+    name = f"clip:{tiny_clip_dir}"
+    cache = embedding_cache.TokenCache.of(items, "train", name, 2, str(tmp_path / "cache"))
     os.makedirs(tmp_path / "cache")
     with file_lock(cache.path(".lock"), "test"):  # as a first run building the train cache
         second = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *run("--max-epochs", "1")],
@@ -234,7 +237,8 @@ def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, 
             waiting += second.stdout.readline()
             assert second.poll() is None, second.stderr.read()
         # meanwhile the first run builds and publishes the cache (here: in this process)
-        data._load_or_build(cache, items, "cpu", 32, 0, None, 0, 1, lambda: None)
+        embedding_cache.build_token_cache(cache, items, data.token_encoder(2, "cpu", "32"),
+                                          lambda: load_backbone(name), "cpu", 32, 0, 0, 1, lambda: None)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     assert f"waiting for process {os.getpid()}" in waiting
@@ -319,7 +323,7 @@ def test_same_size_damage_to_a_published_cache_is_detected(tiny_dataset, tiny_cl
     items = data.read_karpathy(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     tokens = np.array(data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)[0])
-    cache = data.TokenCache.of(items, "val", name, 2, str(tmp_path))
+    cache = embedding_cache.TokenCache.of(items, "val", name, 2, str(tmp_path))
     with open(cache.path(".npy"), "r+b") as f:  # NaN bytes over one token, the file's size unchanged
         f.seek(-64, os.SEEK_END)
         f.write(np.full(32, np.nan, dtype=np.float16).tobytes())
@@ -377,12 +381,12 @@ def test_kill_9_while_training_resumes_from_the_last_checkpoint(run, tmp_path):
 
 def test_kill_9_while_embedding_is_resumed_to_the_same_tokens(run, tiny_dataset, tiny_clip_dir, tmp_path):
     argv = run("--max-epochs", "1")
-    kill_at("import captioner\nreal = captioner.VisionBackbone.image_tokens\ncalls = []\n"
+    kill_at("import support.backbones as backbones\nreal = backbones.CLIPBackbone.features\ncalls = []\n"
             "def dying(self, *a, **k):\n"
             "    calls.append(1)\n"
             "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
             "    return real(self, *a, **k)\n"
-            "captioner.VisionBackbone.image_tokens = dying", argv)
+            "backbones.CLIPBackbone.features = dying", argv)
     assert any(p.name.endswith(".partial.npy") for p in (tmp_path / "cache").iterdir())
     assert script("train.py", *argv).returncode == 0
     items = data.read_karpathy(tiny_dataset, "train")

@@ -14,7 +14,8 @@ import pytest
 
 import evaluate
 from captioner import build_model, load_backbone, save_model
-from data import ImageSource, SplitImage
+from data import SplitImage
+from support.images import ImageSource
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")

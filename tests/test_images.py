@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import load_image, preprocess_image
+from support.images import load_image, preprocess_image
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA", "1", "I", "F"])

@@ -12,11 +12,11 @@ from pycocoevalcap.cider.cider import Cider
 
 import scst
 import train
-from captioner import caption_logprobs, safe_torch_load, sample_captions
+from captioner import caption_logprobs, sample_captions
 from conftest import EOS, VOCAB, image_tokens, read_log, run_train, tiny_model, train_argv
 from data import read_karpathy
 from evaluate import coco_tokenize
-from train import CHECKPOINT_FORMAT
+from support.files import safe_torch_load
 
 COCO_MINI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini")
 
@@ -171,14 +171,14 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     epochs_a = [(r["epoch"], r["val_cider_d"]) for r in log_a if r["type"] == "epoch"]
     assert [e for e, _ in epochs_a] == [-1, 0, 1]  # the start is measured too
     assert epochs_a == [(r["epoch"], r["val_cider_d"]) for r in log_b if r["type"] == "epoch"]
-    final_a = safe_torch_load(str(tmp_path / "a" / "checkpoint.pt"), CHECKPOINT_FORMAT)
-    final_b = safe_torch_load(str(tmp_path / "b" / "checkpoint.pt"), CHECKPOINT_FORMAT)
+    final_a = safe_torch_load(str(tmp_path / "a" / "checkpoint.pt"))
+    final_b = safe_torch_load(str(tmp_path / "b" / "checkpoint.pt"))
     for name, tensor in final_a["model"].items():
         torch.testing.assert_close(final_b["model"][name], tensor, rtol=1e-6, atol=1e-7)
     assert final_a["state"] == final_b["state"]
-    start = safe_torch_load(str(tmp_path / "ce" / "model.pt"), "captioner-model")
+    start = safe_torch_load(str(tmp_path / "ce" / "model.pt"))
     assert any(not torch.equal(start["state_dict"][k], v) for k, v in final_a["model"].items())
-    model_pt = safe_torch_load(str(tmp_path / "a" / "model.pt"), "captioner-model")
+    model_pt = safe_torch_load(str(tmp_path / "a" / "model.pt"))
     assert model_pt["preprocessing"] == start["preprocessing"]
     assert model_pt["metadata"]["embedding_precision"] == start["metadata"]["embedding_precision"]
     # the paper's baseline, the greedy caption's reward, runs through the same loop

@@ -37,7 +37,8 @@ done
 python - "$runs" ours ours-grid0 original original-steps ours-constant-lr <<'PY'
 import json, sys
 runs, names = sys.argv[1], sys.argv[2:]
-keys = ["bleu1", "bleu4_coco", "meteor", "rouge_l", "cider_d", "bleu4_sacrebleu", "bleu4_seed"]
+keys = ["bleu1", "bleu4", "meteor", "rouge_l", "cider_d", "bleu4_sacrebleu", "bleu4_original"]
+old_names = {"bleu4": "bleu4_coco", "bleu4_original": "bleu4_seed"}  # metrics.json files from before
 print("| model | val loss | beam | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | BLEU-4 sacrebleu "
       "| BLEU-4 original's protocol |")
 print("|---|---|---|---|---|---|---|---|---|---|")
@@ -47,6 +48,7 @@ for name in names:
     with open(f"{runs}/{name}/metrics.json") as f:
         results = json.load(f)["results"]
     for k, r in enumerate(results):
+        r = {**{new: r[old] for new, old in old_names.items() if old in r}, **r}
         figures = " | ".join("n/a" if r[key] is None else f"{r[key]:.3f}" for key in keys)
         print(f"| {name if k == 0 else ''} | {f'{val_loss:.3f}' if k == 0 else ''} | {r['beam_size']} | {figures} |")
 PY
