@@ -13,7 +13,6 @@ machinery (backbone weights, image reading, safe file handling) lives in support
 """
 
 import argparse
-import contextlib
 import inspect
 import json
 import math
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from support.backbones import VisionBackbone, load_backbone
 from support.files import ArchiveError, atomic_torch_save, cpu_state_dict, load_versioned
 from support.images import load_image
-from support.processes import default_device
+from support.processes import autocast, default_device, embedding_precision, free_memory
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the caption model ----
@@ -105,6 +104,12 @@ class CaptionModel(nn.Module):
         logits = self.decoder.lm_head(hidden.flatten(0, 1).index_select(0, label_positions))  # (N, V)
         return logits, None if labels is None else F.cross_entropy(logits.float(), labels, reduction="sum")
 
+    def check_max_length(self, max_length: int):
+        """Decoding writes token t at the decoder's position t: a caption cannot outgrow its positions."""
+        positions = self.decoder.config.n_positions
+        if max_length > positions:
+            raise ValueError(f"--max-length {max_length}: this decoder reads at most {positions} tokens")
+
     def decode_step(self, input_ids: torch.Tensor, memory: torch.Tensor, cache):
         """One incremental step. input_ids (N, 1), memory (N, K, C), cache from the previous step or None
         -> logits (N, V) for the next token, and the updated cache."""
@@ -173,21 +178,6 @@ def image_tokens(backbone: VisionBackbone, pixels: torch.Tensor, grid: int) -> t
     return torch.cat(tokens, dim=1)
 
 
-def embedding_precision(device, precision: str) -> str:
-    """What a backbone really runs in: "16" or "bf16" autocast on CUDA; fp32 ("32") elsewhere."""
-    if precision not in ("32", "16", "bf16"):
-        raise ValueError(f"precision must be 32, 16 or bf16, not {precision!r}")
-    return precision if torch.device(device).type == "cuda" else "32"
-
-
-def autocast(device, precision: str):
-    """The autocast context for --precision "16" (fp16), "bf16" or "32" (none) on `device`."""
-    if precision == "32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "16" else torch.bfloat16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # ---- decoding ----
 
@@ -207,6 +197,7 @@ def beam_search(model: CaptionModel, image_tokens: torch.Tensor, beam_size: int 
     """
     if beam_size < 1 or max_length < 1:
         raise ValueError(f"beam_size and max_length must be at least 1, not {beam_size} and {max_length}")
+    model.check_max_length(max_length)
     device = image_tokens.device
     B, W, L, eos = image_tokens.shape[0], beam_size, max_length, model.eos_token_id
     memory = model.encode_images(image_tokens).repeat_interleave(W, dim=0)  # (B*W, K, C), beams adjacent
@@ -292,6 +283,7 @@ def sample_captions(model: CaptionModel, image_tokens: torch.Tensor, samples_per
     if samples_per_image < 1 or max_length < 1 or not temperature > 0:
         raise ValueError(f"samples_per_image and max_length must be at least 1 and temperature > 0, not "
                          f"{samples_per_image}, {max_length} and {temperature}")
+    model.check_max_length(max_length)
     device = image_tokens.device
     N, L, eos = image_tokens.shape[0] * samples_per_image, max_length, model.eos_token_id
     uniforms = torch.rand(N, L, generator=generator, dtype=torch.float64).to(device)  # (N, L)
@@ -357,17 +349,46 @@ def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
+def images_per_batch(model: CaptionModel, beam_size: int, max_length: int, wanted: int, device) -> int:
+    """How many images beam_search may decode at once: at most `wanted`, and as many as fit in half of the
+    memory free on `device`. Per image and beam, a step holds about four float32 rows of the vocabulary
+    (logits, log-probabilities, candidates, top-k), the KV cache and the captions so far; at beam 1000, 50k
+    tokens make 0.8 GB an image. Refuses, with the figures, a beam size that cannot decode even one image."""
+    config = model.decoder.config
+    per_beam = (16 * config.vocab_size + 8 * config.n_layer * config.n_embd * (max_length +
+                model.config.num_image_tokens) + 40 * max_length)  # bytes
+    per_image, budget = per_beam * beam_size, free_memory(device) // 2
+    if per_image > budget:
+        raise ValueError(f"--beam-size {beam_size}: decoding one image needs about {per_image / 2**30:.1f} GiB "
+                         f"({beam_size} beams x a {config.vocab_size:,}-token vocabulary), more than the "
+                         f"{budget / 2**30:.1f} GiB this program allows itself on {device} (half of what is "
+                         f"free); lower --beam-size")
+    return max(1, min(wanted, budget // per_image))
+
+
 @torch.no_grad()
 def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, device="cpu",
                          batch_size: int = 128, max_length: int = 30,
                          length_penalty: float = 1.0) -> list[str]:
-    """image_tokens (N, K, D), an array or memmap, in order -> N captions, decoded in batches in the given
-    order (no shuffling). The caller sets model.eval()."""
+    """image_tokens (N, K, D), an array, memmap or tensor, in order -> N captions, decoded in batches of at
+    most batch_size images (fewer when memory asks for it, said once), in the given order (no shuffling).
+    The caller sets model.eval(). Running out of memory anyway ends in a ValueError that says what to lower."""
+    fits = images_per_batch(model, beam_size, max_length, batch_size, device)
+    if fits < min(batch_size, len(image_tokens)):
+        print(f"note: decoding {fits} images at a time, not {batch_size}: that is what fits in memory at "
+              f"beam size {beam_size}", file=sys.stderr)
     captions = []
-    for start in range(0, len(image_tokens), batch_size):
-        batch = torch.from_numpy(np.array(image_tokens[start:start + batch_size]))  # (b, K, D), a copy
-        ids, _ = beam_search(model, batch.to(device), beam_size, max_length, length_penalty)
-        captions.extend(ids_to_text(tokenizer, ids))
+    try:
+        for start in range(0, len(image_tokens), fits):
+            batch = image_tokens[start:start + fits]
+            batch = batch if torch.is_tensor(batch) else torch.from_numpy(np.array(batch))  # (b, K, D), a copy
+            ids, _ = beam_search(model, batch.to(device), beam_size, max_length, length_penalty)
+            captions.extend(ids_to_text(tokenizer, ids))
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, "can't allocate memory" on a CPU
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        raise ValueError(f"out of memory while decoding {fits} images at beam size {beam_size} on {device}; "
+                         f"lower --beam-size or --batch-size") from None
     return captions
 
 
@@ -399,7 +420,7 @@ def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, m
     atomic_torch_save(archive, path)
 
 
-def model_from_data(config: dict, state_dict: dict, tokenizer: dict, path: str):
+def model_from_data(config: dict, state_dict: dict, tokenizer: dict, path: str, what="model archive"):
     """A model (CPU, eval mode) and its tokenizer from what an archive or a checkpoint stores; the weights'
     shapes are checked against the config first, on the meta device, so a config that asks for a huge model
     costs no memory. Anything wrong raises ArchiveError naming `path`."""
@@ -415,7 +436,7 @@ def model_from_data(config: dict, state_dict: dict, tokenizer: dict, path: str):
         model.load_state_dict(state_dict, strict=True)
         return model.eval(), tokenizer_from_data(tokenizer)
     except Exception as e:  # missing keys, wrong shapes, a tokenizer that does not parse
-        raise ArchiveError(f"{path}: damaged: {type(e).__name__}: {str(e)[:300]}") from None
+        raise ArchiveError(f"{path}: damaged {what}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def load_model(path: str):
@@ -455,7 +476,11 @@ class Captioner(nn.Module):
     @classmethod
     def load(cls, path: str) -> "Captioner":
         """Load a model archive and the backbone it names, in eval mode, on the CPU."""
-        model, tokenizer, archive = load_model(path)
+        return cls.around(*load_model(path), path)
+
+    @classmethod
+    def around(cls, model: CaptionModel, tokenizer, archive: dict, path: str) -> "Captioner":
+        """A loaded model (load_model's three results) with the backbone it names."""
         backbone = load_backbone(model.config.vision_backbone)
         if backbone.preprocessing != archive["preprocessing"] or backbone.width != model.config.image_width:
             raise ArchiveError(f"{path}: the backbone {backbone.name} now preprocesses images as "
@@ -480,9 +505,10 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def forward(self, images, beam_size: int = 1, max_length: int = 30, length_penalty: float = 1.0):
         single = not isinstance(images, (list, tuple))
+        self.model.check_max_length(max_length)  # before the backbone runs
         tokens = self.encode([images] if single else images)
-        ids, _ = beam_search(self.model, tokens, beam_size, max_length, length_penalty)
-        texts = ids_to_text(self.tokenizer, ids)
+        texts = caption_image_tokens(self.model, self.tokenizer, tokens, beam_size, self.device, len(tokens),
+                                     max_length, length_penalty)
         return texts[0] if single else texts
 
 
@@ -505,7 +531,11 @@ def get_args_parser():
 def main(args):
     if args.beam_size < 1 or args.max_length < 1 or args.batch_size < 1:
         raise SystemExit("--beam-size, --max-length and --batch-size must be at least 1")
-    captioner = Captioner.load(args.checkpoint).to(args.device or default_device())
+    device = args.device or default_device()
+    model, tokenizer, archive = load_model(args.checkpoint)
+    model.check_max_length(args.max_length)  # both before loading the backbone or reading an image
+    images_per_batch(model, args.beam_size, args.max_length, 1, device)
+    captioner = Captioner.around(model, tokenizer, archive, args.checkpoint).to(device)
     unreadable = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []

@@ -18,12 +18,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 
-from captioner import autocast, embedding_precision, image_tokens
+from captioner import image_tokens
 from support.backbones import load_backbone
 from support.coco_download import DownloadError, prepare_coco  # noqa: F401  (DownloadError: for train.py)
 from support.embedding_cache import default_cache_dir, drop_unreadable, load_or_build_cache  # noqa: F401
 from support.images import ImageSource
-from support.processes import Processes
+from support.processes import Processes, autocast, embedding_precision
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the split ----
@@ -43,7 +43,8 @@ class SplitImage:
 def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
     """Images of one split of a Karpathy-format `dataset_coco.json`. `train` also takes `restval` (the 30k
     val2014 images Karpathy added to training). An image is the file DATA_DIR/filepath/filename or, when only
-    DATA_DIR/filepath.zip is there, its member filepath/filename."""
+    DATA_DIR/filepath.zip is there, its member filepath/filename. Entries that name one image are merged into
+    one, their captions united; captions that are not valid Unicode are repaired; each is said once."""
     path = os.path.join(data_dir, "dataset_coco.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; --data-dir must hold a Karpathy-format "
@@ -54,7 +55,7 @@ def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a Karpathy-format split file ({type(e).__name__}: {e})") from None
     wanted = ("train", "restval") if split == "train" else (split,)
-    items, archives, uncaptioned, empty, seen, duplicates = [], {}, [], 0, set(), []
+    by_name, archives, report = {}, {}, {"uncaptioned": [], "empty": 0, "repaired": [], "merged": []}
     for i, image in enumerate(images):
         try:
             if image["split"] not in wanted:
@@ -63,30 +64,53 @@ def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
             if not _inside(data_dir, folder, filename):
                 raise ValueError(f"{path}: images[{i}] names {os.path.join(folder, filename)!r}, which is "
                                  f"not inside {data_dir}; refusing to read it")
-            captions = [s["raw"].strip() for s in image["sentences"]]
-            empty += captions.count("")
+            captions = [valid_text(s["raw"]).strip() for s in image["sentences"]]
+            if any(c != s["raw"].strip() for c, s in zip(captions, image["sentences"])):
+                report["repaired"].append(f"images[{i}] ({filename})")
+            report["empty"] += captions.count("")
             captions = [caption for caption in captions if caption]
             if not captions:  # nothing to learn from or to score against
-                uncaptioned.append(image.get("cocoid", i))
+                report["uncaptioned"].append(image.get("cocoid", i))
                 continue
             source = _image_source(data_dir, folder, filename, archives)
-            duplicates += [source.name] if source.name in seen else []
-            seen.add(source.name)
-            items.append(SplitImage(image.get("cocoid", image.get("imgid", i)), filename, captions, source))
+            if source.name in by_name:  # the same picture listed again: one image with every caption
+                first = by_name[source.name]
+                by_name[source.name] = SplitImage(first.cocoid, first.filename,
+                                                  list(dict.fromkeys(first.captions + captions)), first.source)
+                report["merged"].append(source.name)
+            else:
+                by_name[source.name] = SplitImage(image.get("cocoid", image.get("imgid", i)), filename, captions,
+                                                  source)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: images[{i}] is malformed (missing or wrong {e})") from None
-    if uncaptioned:
-        print(f"warning: {path}: {len(uncaptioned)} {split} images have no caption and are left out "
-              f"(cocoids {uncaptioned[:5]}{' ...' if len(uncaptioned) > 5 else ''})")
-    if empty:
-        print(f"warning: {path}: {empty} empty {split} captions are left out")
-    if duplicates:
-        print(f"warning: {path}: {len(duplicates)} {split} entries name an image already listed "
-              f"(first: {duplicates[0]})")
-    if not items:
+    _report(path, split, report)
+    if not by_name:
         present = sorted({image.get("split") for image in images if isinstance(image, dict)})
         raise ValueError(f"{path}: split {split!r} has no images with captions (splits present: {present})")
-    return items
+    return list(by_name.values())
+
+
+def valid_text(text: str) -> str:
+    """`text` with what is not valid Unicode (a lone surrogate, which JSON's \\ud800 escapes can make and no
+    encoder takes) replaced by U+FFFD; surrogate pairs become the character they encode."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _report(path: str, split: str, report: dict):
+    """Say once what reading the split left out, merged or repaired."""
+    def first(names: list) -> str:
+        return ", ".join(map(str, names[:3])) + (" ..." if len(names) > 3 else "")
+    if report["uncaptioned"]:
+        print(f"warning: {path}: {len(report['uncaptioned'])} {split} images have no caption and are left "
+              f"out (cocoids {report['uncaptioned'][:5]}{' ...' if len(report['uncaptioned']) > 5 else ''})")
+    if report["empty"]:
+        print(f"warning: {path}: {report['empty']} empty {split} captions are left out")
+    if report["merged"]:
+        print(f"warning: {path}: {len(report['merged'])} {split} entries name an image listed before; each "
+              f"is merged into the first, captions united ({first(report['merged'])})")
+    if report["repaired"]:
+        print(f"warning: {path}: captions of {len(report['repaired'])} {split} entries are not valid Unicode "
+              f"(lone surrogates); those characters are replaced by U+FFFD ({first(report['repaired'])})")
 
 
 def _inside(data_dir: str, folder: str, filename: str) -> bool:

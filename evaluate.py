@@ -29,7 +29,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from sacrebleu.metrics import BLEU
 
-from captioner import ArchiveError, caption_image_tokens, default_device, load_model
+from captioner import ArchiveError, caption_image_tokens, default_device, images_per_batch, load_model
 from data import default_cache_dir, read_karpathy, split_image_tokens
 from support.files import atomic_write_text, check_writable
 from support.ptb_tokenizer import coco_tokenize
@@ -37,23 +37,6 @@ from support.report import COLUMNS, table_rows, write_gallery
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the COCO caption metrics ----
-
-def _coco_inputs(hypotheses: list[str], references: list[list[str]]) -> tuple[dict, dict]:
-    """-> (gts, res) as pycocoevalcap's scorers take them: {image index: [space-joined PTB tokens, ...]}."""
-    if len(hypotheses) != len(references) or not hypotheses or not all(references):
-        raise ValueError(f"{len(hypotheses)} captions for {len(references)} images: need one caption and at "
-                         f"least one reference per image, and at least one image")
-    gts = {i: [" ".join(coco_tokenize(r)) for r in refs] for i, refs in enumerate(references)}
-    # An empty caption stays "", which every scorer takes and scores 0; only ROUGE-L, splitting at " ", sees
-    # one empty token and gives 1 against a reference that tokenizes to nothing too ("..."), as pycocoevalcap
-    return gts, {i: [" ".join(coco_tokenize(h))] for i, h in enumerate(hypotheses)}
-
-
-def meteor_scorer():
-    """pycocoevalcap's METEOR, a Java process reused across calls (it takes seconds to load its paraphrase
-    table), or None where java is not on PATH."""
-    return Meteor() if shutil.which("java") else None
-
 
 def coco_metrics(hypotheses: list[str], references: list[list[str]], meteor=None) -> tuple[dict, dict]:
     """-> (corpus, per_image). corpus: bleu1..bleu4, meteor (None without a scorer from meteor_scorer()),
@@ -78,6 +61,23 @@ def coco_metrics(hypotheses: list[str], references: list[list[str]], meteor=None
             meteor = None
     corpus.update(meteor=meteor, rouge_l=float(rouge), cider_d=float(cider))
     return corpus, {"cider_d": list(map(float, cider_images)), "bleu4": list(map(float, bleu_images[3]))}
+
+
+def _coco_inputs(hypotheses: list[str], references: list[list[str]]) -> tuple[dict, dict]:
+    """-> (gts, res) as pycocoevalcap's scorers take them: {image index: [space-joined PTB tokens, ...]}."""
+    if len(hypotheses) != len(references) or not hypotheses or not all(references):
+        raise ValueError(f"{len(hypotheses)} captions for {len(references)} images: need one caption and at "
+                         f"least one reference per image, and at least one image")
+    gts = {i: [" ".join(coco_tokenize(r)) for r in refs] for i, refs in enumerate(references)}
+    # An empty caption stays "", which every scorer takes and scores 0; only ROUGE-L, splitting at " ", sees
+    # one empty token and gives 1 against a reference that tokenizes to nothing too ("..."), as pycocoevalcap
+    return gts, {i: [" ".join(coco_tokenize(h))] for i, h in enumerate(hypotheses)}
+
+
+def meteor_scorer():
+    """pycocoevalcap's METEOR, a Java process reused across calls (it takes seconds to load its paraphrase
+    table), or None where java is not on PATH."""
+    return Meteor() if shutil.which("java") else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +152,9 @@ def main(args):
     check_writable(out_dir, "--out-dir")  # now, not after decoding every beam size
     model, tokenizer, archive = load_model(args.checkpoint)
     model.to(device).eval()
+    model.check_max_length(args.max_length)  # these two now, not after embedding the split
+    for beam_size in args.beam_size:
+        images_per_batch(model, beam_size, args.max_length, 1, device)
     config = model.config
     all_items = read_karpathy(args.data_dir, args.split)
     # The backbone runs as it did for the training images (the run's recorded precision). An image that

@@ -14,9 +14,10 @@ this beat keeping dropout on, as ruotianluo/ImageCaptioning.pytorch does, and it
 another score). Val CIDEr-D of greedy captions, measured once before training and after every epoch, picks
 the model kept in OUT/model.pt (train.py's format).
 
-In reading order: CIDEr-D with fixed document frequencies, the rewards and the policy loss, the loop, and
-main. The optimisation (AdamW, the LR schedule, the non-finite guard) is train.py's, imported; the run's
-machinery (checkpoints with exact --resume, torchrun processes, the log) is support/run.py's, as for train.py.
+In reading order: the rewards (CIDEr-D with document frequencies fixed by the training references, in
+support/cider.py, plus sentence BLEU-4) and the policy loss, the loop, and main. The optimisation (AdamW,
+the LR schedule, the non-finite guard) is train.py's, imported; the run's machinery (checkpoints with exact
+--resume, torchrun processes, the log) is support/run.py's, as for train.py.
 """
 
 import argparse
@@ -25,73 +26,23 @@ import math
 import os
 import signal
 import time
-from collections import Counter
 
 import numpy as np
 import sacrebleu
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
-from captioner import (ArchiveError, autocast, beam_search, caption_image_tokens, caption_logprobs, ids_to_text,
-                       load_model, model_from_data, sample_captions, save_model, tokenizer_to_data)
+from captioner import (ArchiveError, beam_search, caption_image_tokens, caption_logprobs, ids_to_text, load_model,
+                       model_from_data, sample_captions, save_model, tokenizer_to_data)
 from data import training_splits
 from evaluate import coco_metrics
+from support.cider import CiderD
 from support.flags import add_shared_arguments, check_shared_args
-from support.processes import Processes, StopRequest, interrupt, my_share
-from support.ptb_tokenizer import coco_tokenize
+from support.processes import Processes, StopRequest, autocast, interrupt, my_share, to_device
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
                          run_processes, save_checkpoint, seeded_generator)
-from train import get_lr, make_optimizer, optimizer_step, to_device
-
-# ---------------------------------------------------------------------------------------------------------
-# ---- CIDEr-D with fixed document frequencies ----
-
-def ngram_counts(tokens: list[str], n: int = 4) -> Counter:
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
-
-
-class CiderD:
-    """CIDEr-D whose document frequencies come once from a fixed corpus, the training references (as
-    ruotianluo/ImageCaptioning.pytorch's CiderD). pycocoevalcap's Cider counts them over the images it is
-    given, which for a batch of 32 images makes every n-gram rare. The formula is pycocoevalcap's: tf-idf
-    vectors of 1- to 4-grams with idf log(images) - log(max(1, df)), products clipped as min(hyp, ref) x ref,
-    a cosine per n, a Gaussian length penalty (sigma 6), the mean over n, averaged over references, x 10."""
-
-    def __init__(self, references: list[list[str]], sigma: float = 6.0):
-        # PTB tokens joined by spaces: a small footprint for COCO's 600k references; n-grams counted on use
-        self.references = [[" ".join(coco_tokenize(r)) for r in refs] for refs in references]
-        self.df = Counter(g for refs in self.references  # in how many images' references each n-gram occurs
-                          for g in set().union(*(ngram_counts(r.split()) for r in refs)))
-        self.log_images, self.sigma = math.log(len(references)), sigma
-
-    def _vector(self, counts: Counter):
-        """-> tf-idf per n ({n-gram: weight}, n = 1..4), their norms, and the length, which pycocoevalcap
-        counts in bigrams (a caption's words less one), as here, to give its figures exactly."""
-        vector = [{} for _ in range(4)]
-        for gram, tf in counts.items():
-            vector[len(gram) - 1][gram] = tf * (self.log_images - math.log(max(1.0, self.df[gram])))
-        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vector]
-        return vector, norms, sum(counts[gram] for gram in vector[1])
-
-    def scores(self, image: int, hypotheses: list[str]) -> list[float]:
-        """CIDEr-D of each hypothesis against the references of image `image`."""
-        references = [self._vector(ngram_counts(r.split())) for r in self.references[image]]
-        scores = []
-        for hypothesis in hypotheses:
-            vector, norms, length = self._vector(ngram_counts(coco_tokenize(hypothesis)))
-            total = 0.0
-            for ref_vector, ref_norms, ref_length in references:
-                penalty = math.exp(-(length - ref_length) ** 2 / (2 * self.sigma ** 2))
-                for n in range(4):
-                    dot = sum(min(w, ref_vector[n].get(g, 0.0)) * ref_vector[n].get(g, 0.0)
-                              for g, w in vector[n].items())
-                    if norms[n] and ref_norms[n]:
-                        total += dot / (norms[n] * ref_norms[n]) * penalty
-            scores.append(10.0 * total / (4 * len(references)))
-        return scores
-
+from train import get_lr, make_optimizer, optimizer_step
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the policy gradient ----
@@ -255,20 +206,17 @@ def run_settings(args, start: dict) -> dict:
 def starting_model(args, processes):
     """-> (model, tokenizer, start, checkpoint): the model to fine-tune (the checkpoint's when resuming),
     and `start`: the starting archive's preprocessing and embedding precision, which OUT/model.pt keeps."""
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), run_settings(args, {}),
-                                     RESUME_MUST_MATCH, processes.world_size)
-    if checkpoint and "start" in checkpoint["args"]:
-        model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
-                                           os.path.join(args.out_dir, "checkpoint.pt"))
-        return model, tokenizer, checkpoint["args"]["start"], checkpoint
-    model, tokenizer, archive = load_model(args.checkpoint)  # also for checkpoints from before "start"
-    start = {"preprocessing": archive["preprocessing"],
-             "embedding_precision": archive["metadata"].get("embedding_precision", "32")}
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    checkpoint = load_checkpoint(path, run_settings(args, {}), RESUME_MUST_MATCH, processes.world_size) \
+        if args.resume else None
+    start = checkpoint["args"].get("start") if checkpoint else None
+    if start is None:  # a new run, or a checkpoint from before "start" was recorded: read the archive
+        model, tokenizer, archive = load_model(args.checkpoint)
+        start = {"preprocessing": archive["preprocessing"],
+                 "embedding_precision": archive["metadata"].get("embedding_precision", "32")}
     if checkpoint:
         model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
-                                           os.path.join(args.out_dir, "checkpoint.pt"))
+                                           path, "checkpoint")
     return model, tokenizer, start, checkpoint
 
 
@@ -287,6 +235,25 @@ def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, start, fi
                "seconds": time.time() - began},
               f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} "
               f"(greedy){' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+
+
+def describe_run(args, processes, model, splits, state, checkpoint) -> int:
+    """Print the run's figures once at start (rank 0) -> the optimizer steps of the whole run."""
+    images = len(splits["train"]["items"])
+    effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
+    total_steps = math.ceil(images / effective_batch) * args.max_epochs
+    processes.say(
+        f"device {processes.device}, precision {args.precision}, model {args.checkpoint} "
+        f"({model.config.vision_backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)"
+        f"\ntrain {images} images, val {len(splits['val']['items'])}; effective batch {args.batch_size} x "
+        f"{args.accumulate_grad_batches} x {processes.world_size} processes = {effective_batch} images x "
+        f"{args.samples_per_image} samples = {effective_batch * args.samples_per_image} captions; "
+        f"{total_steps // args.max_epochs} optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} "
+        f"({args.lr_schedule}); baseline {args.baseline}, temperature {args.temperature:g}\noutputs: "
+        f"{args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl"
+        + (f"\nresuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)"
+           if checkpoint else ""))
+    return total_steps
 
 
 def main(args):
@@ -315,23 +282,9 @@ def fine_tune(args, processes: Processes):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.precision == "16")
     state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()
-    policy = Policy(model)
-    train_policy = policy if processes.world_size == 1 else DistributedDataParallel(
-        policy, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+    train_policy = processes.wrap(Policy(model))  # DistributedDataParallel under torchrun
 
-    images = len(splits["train"]["items"])
-    effective_batch = args.batch_size * args.accumulate_grad_batches * processes.world_size
-    total_steps = math.ceil(images / effective_batch) * args.max_epochs
-    processes.say(
-        f"device {device}, precision {args.precision}, model {args.checkpoint} ({model.config.vision_backbone}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\ntrain {images} images, val "
-        f"{len(splits['val']['items'])}; effective batch {args.batch_size} x {args.accumulate_grad_batches} x "
-        f"{processes.world_size} processes = {effective_batch} images x {args.samples_per_image} samples = "
-        f"{effective_batch * args.samples_per_image} captions; {total_steps // args.max_epochs} optimizer steps "
-        f"per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule}); baseline {args.baseline}, "
-        f"temperature {args.temperature:g}\noutputs: {args.out_dir}/model.pt (best by val CIDEr-D, greedy), "
-        f"checkpoint.pt, log.jsonl" + (f"\nresuming at epoch {state.epoch}, step {state.step} "
-                                       f"({state.step_in_epoch} into the epoch)" if checkpoint else ""))
+    total_steps = describe_run(args, processes, model, splits, state, checkpoint)
     files.begin(replace=args.overwrite and not args.resume, resumed_state=state if checkpoint else None)
 
     def save():

@@ -29,17 +29,17 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from captioner import (ArchiveError, autocast, build_model, caption_image_tokens,
-                       embedding_precision, labelled_positions, model_from_data, save_model, tokenizer_to_data)
+from captioner import (ArchiveError, build_model, caption_image_tokens, labelled_positions, model_from_data,
+                       save_model, tokenizer_to_data)
 from data import DownloadError, add_captions, training_splits
 from evaluate import coco_metrics
 from support.backbones import check_backbone_name
 from support.flags import add_shared_arguments, check_shared_args
-from support.processes import Processes, StopRequest, interrupt, my_share
-from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
-                         run_processes, save_checkpoint, seeded_generator)
+from support.processes import (Processes, StopRequest, autocast, embedding_precision, interrupt, my_share,
+                               to_device)
+from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
+                         restore, run_processes, save_checkpoint, seeded_generator)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -101,13 +101,6 @@ def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = Fa
         rows = to_device(torch.tensor(index), image_tokens.device)
         return image_tokens.index_select(0, rows), input_ids, labels
     return torch.from_numpy(np.ascontiguousarray(image_tokens[index])), input_ids, labels  # (B, K, D) fp16
-
-
-def to_device(tensor, device):
-    """Host to device without waiting: pinned memory lets the copy run behind the GPU's queue."""
-    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,7 +339,7 @@ def setup_model(args, processes, checkpoint, image_width: int):
         model, tokenizer = build_model(args.language_model, args.vision_backbone, image_width, args.image_grid)
     else:
         model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
-                                           os.path.join(args.out_dir, "checkpoint.pt"))
+                                           os.path.join(args.out_dir, "checkpoint.pt"), "checkpoint")
     torch.manual_seed(args.seed + processes.rank)  # the same weights everywhere, each its own dropout masks
     positions = model.decoder.config.n_positions
     if max(args.max_caption_tokens, args.max_length) > positions:
@@ -380,16 +373,9 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
     say(f"outputs: {args.out_dir}/model.pt (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
-        say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
-        if checkpoint["args"].get("precision") != args.precision:
-            say(f"note: the run so far trained with --precision {checkpoint['args'].get('precision')}, now "
-                f"{args.precision}; the image tokens keep precision {args.embedding_precision}")
         old_epochs = checkpoint["args"].get("max_epochs", args.max_epochs)
-        if old_epochs != args.max_epochs and args.lr_schedule == "cosine":
-            say(f"note: --max-epochs {old_epochs} -> {args.max_epochs}: the LR schedule is recomputed for "
-                f"{total_steps} steps, so at step {state.step} the LR moves from "
-                f"{get_lr(state.step, steps_per_epoch * old_epochs, args):.2e} to "
-                f"{get_lr(state.step, total_steps, args):.2e} and then decays to the new end")
+        lrs = get_lr(state.step, steps_per_epoch * old_epochs, args), get_lr(state.step, total_steps, args)
+        describe_resume(processes, checkpoint, args, state, total_steps, lrs)
 
 
 def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: RunFiles, start: float):
@@ -406,8 +392,8 @@ def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: Ru
     files.log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
                "seconds": time.time() - start},
               f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, CIDEr-D "
-              f"{scores['val_cider_d']:.4f} (beam {args.beam_size}){' (best so far, saved model.pt)' if best else ''}"
-              f"; e.g. {scores['example']!r}")
+              f"{scores['val_cider_d']:.4f} (beam {args.beam_size})"
+              f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
 
 
 def main(args):
@@ -436,8 +422,7 @@ def train(args, processes: Processes):
     scaler = torch.amp.GradScaler(torch.device(processes.device).type, enabled=args.precision == "16")
     state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()
     # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
-    train_model = model if processes.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[torch.device(processes.device)] if processes.device.startswith("cuda") else None)
+    train_model = processes.wrap(model)
     if args.compile:
         train_model = torch.compile(train_model)
     captions_per_epoch = (len(splits["train"]["items"]) if args.one_caption_per_image

@@ -1,8 +1,8 @@
 """
 Embedding extraction throughput, in three parts so that the bottleneck shows: decoding + preprocessing alone
-(data.py's ImageFiles in DataLoader workers, no backbone), the backbone alone (one preprocessed batch, already
-on the device, run again and again), and both together as train.py runs them (embed_token_share into a fresh
-cache). Extraction runs at about the slower of the first two.
+(support/images.py's ImageFiles in DataLoader workers, no backbone), the backbone alone (one preprocessed
+batch, already on the device, run again and again), and both together as train.py runs them
+(embed_token_share into a fresh cache). Extraction runs at about the slower of the first two.
 
     python bench/extract_throughput.py --device cuda --batch-size 256 --num-workers 16   # fp32, fp16, bf16
     python bench/extract_throughput.py --device cpu --backbone efficientnet-lite0 --max-images 256
@@ -19,8 +19,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
-from captioner import BLIPBackbone, available_backbones, blip_key_map, load_backbone  # noqa: E402
+from captioner import image_tokens  # noqa: E402
+from support.processes import embedding_precision  # noqa: E402
+from data import SplitImage, token_encoder  # noqa: E402
+from support.backbones import BLIPBackbone, available_backbones, blip_key_map, load_backbone  # noqa: E402
+from support.embedding_cache import TokenCache, embed_token_share, prepare_token_cache  # noqa: E402
+from support.images import ImageFiles, ImageSource, one_thread  # noqa: E402
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png")
 
@@ -72,8 +76,7 @@ def main(args):
                    if f.lower().endswith(IMAGE_TYPES))[:args.max_images]
     if not paths:
         raise SystemExit(f"error: {args.images}: no .jpg/.jpeg/.png images below it")
-    items = [data.SplitImage(i, os.path.basename(path), [], data.ImageSource(path, path))
-             for i, path in enumerate(paths)]
+    items = [SplitImage(i, os.path.basename(path), [], ImageSource(path, path)) for i, path in enumerate(paths)]
     cuda = torch.device(args.device).type == "cuda"
     precisions = args.precisions or (["32", "16", "bf16"] if cuda else ["32"])
     if args.random_weights and args.backbone != "blip:base":
@@ -94,9 +97,9 @@ def main(args):
         print(f"| {part} | {precision} | {images / seconds:.1f} | {ms_per_batch:.0f} |", flush=True)
 
     # 1. decoding + preprocessing in workers; the first batch (worker start-up) is not timed
-    loader = torch.utils.data.DataLoader(data.ImageFiles(items, backbone.preprocessing),
+    loader = torch.utils.data.DataLoader(ImageFiles([item.source for item in items], backbone.preprocessing),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
-                                         worker_init_fn=data._one_thread)
+                                         worker_init_fn=one_thread)
     images, start, pixels = 0, None, None
     for _, batch, _ in loader:
         if start is None:
@@ -117,18 +120,19 @@ def main(args):
                 if step == 2:
                     synchronize(args.device)
                     start = time.perf_counter()
-                backbone.image_tokens(pixels, args.grid)
+                image_tokens(backbone, pixels, args.grid)
         synchronize(args.device)
         row("backbone alone", precision, len(pixels) * args.backbone_batches, time.perf_counter() - start)
 
     # 3. both, as train.py extracts: workers decode while the backbone runs, tokens stream into the memmap
     for precision in precisions:
         with tempfile.TemporaryDirectory() as cache_dir:
-            cache = data.TokenCache.of(items, "bench", args.backbone, args.grid, cache_dir,
-                                        data.embedding_precision(args.device, precision))
-            data.prepare_token_cache(cache, backbone.width)
+            cache = TokenCache.of(items, "bench", args.backbone, args.grid, cache_dir,
+                                  embedding_precision(args.device, precision))
+            prepare_token_cache(cache, backbone.width)
+            encode = token_encoder(args.grid, args.device, precision)
             start = time.perf_counter()
-            data.embed_token_share(cache, items, backbone, args.device, args.batch_size, args.num_workers)
+            embed_token_share(cache, items, backbone, encode, args.device, args.batch_size, args.num_workers)
             row("extraction (embed_token_share)", precision, len(items), time.perf_counter() - start)
 
 

@@ -204,7 +204,9 @@ def _load_blip_checkpoint(path: str):
     except ValueError as e:
         if "not a readable" not in str(e):
             raise
-        raise ValueError(f"{e}; an interrupted download? Delete the file to download it again") from None
+        detail = str(e).split("foreign): ", 1)[-1][:120]
+        raise ValueError(f"{path}: damaged checkpoint ({detail}); an interrupted download? Delete the file to "
+                         f"download it again") from None
 
 
 def blip_key_map(depth: int) -> dict[str, str]:

@@ -1,7 +1,7 @@
-"""The COCO download: what --data-dir lacks of COCO's Karpathy split is fetched with the standard library alone: Karpathy's split
-file and the 2014 image archives, which stay zipped (images are read straight from them). Sizes and
-SHA-256 as tensorflow/datasets pins them (tensorflow_datasets/url_checksums/coco_captions.txt). Tests point
-the entries at a local server.
+"""The COCO download: what --data-dir lacks of COCO's Karpathy split is fetched with the standard library
+alone: Karpathy's split file and the 2014 image archives, which stay zipped (images are read straight from
+them). Sizes and SHA-256 as tensorflow/datasets pins them (tensorflow_datasets/url_checksums/
+coco_captions.txt). Tests point the entries at a local server.
 """
 
 import hashlib

@@ -1,7 +1,8 @@
 """The embedding cache: the frozen backbone's image tokens for a split, (N, K, D) float16, computed once and
-memory-mapped. The file names carry a hash of everything that determines the content (backbone, grid, precision, and each
-image's name inside the data folder and size), so a cache made for anything else is never picked up, while
-a data folder that is moved or copied keeps its cache. One split's files, all named STEM.*, live like this:
+memory-mapped. The file names carry a hash of everything that determines the content (backbone, grid,
+precision, and each image's name inside the data folder and size), so a cache made for anything else is
+never picked up, while a data folder that is moved or copied keeps its cache. One split's files, all named
+STEM.*, live like this:
 
   prepare (rank 0)   STEM.partial.npy (N, K, D) zeros, STEM.partial-done.npy (N,) all TODO,
                      then STEM.partial.json, which makes the two count (a stopped build resumes from them)

@@ -1,15 +1,19 @@
-"""Several processes on one machine (torchrun), and stopping cleanly on a signal.
+"""Devices and processes: which device, its precision and free memory, several processes on one machine
+(torchrun), and stopping cleanly on a signal.
 
 Without torchrun a run is rank 0 of 1 and nothing here talks to other processes.
 """
 
+import contextlib
 import datetime
 import os
+import resource
 import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def default_device() -> str:
@@ -65,6 +69,13 @@ class Processes:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def wrap(self, module):
+        """`module` in DistributedDataParallel when there are several processes, else itself."""
+        if self.world_size == 1:
+            return module
+        cuda = torch.device(self.device).type == "cuda"
+        return DistributedDataParallel(module, device_ids=[torch.device(self.device)] if cuda else None)
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over all processes (a collective: call it on all)."""
         if self.world_size == 1:
@@ -72,6 +83,13 @@ class Processes:
         totals = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         dist.all_reduce(totals)
         return totals.tolist()
+
+
+def to_device(tensor, device):
+    """Host to device without waiting: pinned memory lets the copy run behind the GPU's queue."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def my_share(window: list, rank: int, world_size: int) -> tuple[list, float]:
@@ -127,3 +145,42 @@ class StopRequest:
 def interrupt(signum, frame):
     """SIGTERM outside training: as Ctrl-C, a message rather than a silent death."""
     raise KeyboardInterrupt
+
+
+def embedding_precision(device, precision: str) -> str:
+    """What a backbone really runs in: "16" or "bf16" autocast on CUDA; fp32 ("32") elsewhere."""
+    if precision not in ("32", "16", "bf16"):
+        raise ValueError(f"precision must be 32, 16 or bf16, not {precision!r}")
+    return precision if torch.device(device).type == "cuda" else "32"
+
+
+def autocast(device, precision: str):
+    """The autocast context for --precision "16" (fp16), "bf16" or "32" (none) on `device`."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "16" else torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def free_memory(device) -> int:
+    """Bytes that `device` can still allocate: free GPU memory on CUDA; elsewhere the machine's available
+    memory (MemAvailable), lowered to what a cgroup limit (a container) or an address-space limit (ulimit -v)
+    leaves this process."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    limits = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        limits.append(int(info["MemAvailable"].split()[0]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limits.append(int(f.read()) - int(g.read()))  # "max" (no limit) fails int() and is skipped
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f)
+            limits.append(soft - int(status["VmSize"].split()[0]) * 1024)
+    return max(0, min(limits)) if limits else 8 << 30  # nothing to read (macOS): assume 8 GiB

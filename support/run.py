@@ -221,6 +221,21 @@ def trim_log(log_path: str, state: TrainState):
         print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {state.step} (to run again)")
 
 
+def describe_resume(processes, checkpoint, args, state, total_steps: int, lrs: tuple[float, float]):
+    """Where a resumed run stands, and what changed since (lrs: the LR at this step before and after a new
+    --max-epochs)."""
+    say, before = processes.say, checkpoint["args"]
+    say(f"resuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)")
+    if before.get("precision") != args.precision:
+        say(f"note: the run so far trained with --precision {before.get('precision')}, now {args.precision}; "
+            f"the image tokens keep precision {args.embedding_precision}")
+    old_epochs = before.get("max_epochs", args.max_epochs)
+    if old_epochs != args.max_epochs and args.lr_schedule == "cosine":
+        say(f"note: --max-epochs {old_epochs} -> {args.max_epochs}: the LR schedule is recomputed for "
+            f"{total_steps} steps, so at step {state.step} the LR moves from {lrs[0]:.2e} to {lrs[1]:.2e} and "
+            f"then decays to the new end")
+
+
 class RunFiles:
     """A run's files in --out-dir as rank 0 sees them: log.jsonl and checkpoint.pt."""
 

@@ -1,6 +1,6 @@
 """The model archive: plain data, safe loading, clear errors; the inference API and CLI on top of it."""
+import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -152,3 +152,38 @@ def test_the_api_sees_the_image_tokens_that_training_cached(archive, tiny_datase
     encoded = cap.encode([item.path for item in items])
     torch.testing.assert_close(encoded, torch.from_numpy(np.array(cached)).float(),
                                rtol=0, atol=0)  # same precision, rounded to float16 as the cache holds them
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_files_written_before_the_support_refactor_still_load(tmp_path):
+    """model.pt and checkpoint.pt written by main before support/ existed (tests/fixtures/, made by
+    make_legacy_fixtures.py on that commit): they load, caption as they did, and a run resumes from them."""
+    import train
+    from captioner import ids_to_text, model_from_data
+    from support.processes import Processes
+    from support.run import CHECKPOINT_VERSION, TrainState, load_checkpoint, restore
+    with open(os.path.join(FIXTURES, "legacy-expected.json")) as f:
+        expected = json.load(f)
+    model, tokenizer, archive = load_model(os.path.join(FIXTURES, "legacy-model.pt"))
+    assert archive["version"] == 2 and archive["metadata"]["val_bleu4"] == 0.25  # was val_bleu4_coco
+    tokens = torch.tensor(expected["image_tokens"])
+    for beam, captions in expected["model_captions"].items():
+        assert ids_to_text(tokenizer, beam_search(model, tokens, int(beam), 8)[0]) == captions
+    path = os.path.join(FIXTURES, "legacy-checkpoint.pt")
+    checkpoint = load_checkpoint(path, expected["settings"], train.RESUME_MUST_MATCH, world_size=1)
+    assert checkpoint["version"] == CHECKPOINT_VERSION
+    resumed, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"], path)
+    for beam, captions in expected["checkpoint_captions"].items():  # its weights: one optimizer step later
+        assert ids_to_text(tokenizer, beam_search(resumed, tokens, int(beam), 8)[0]) == captions
+    optimizer = train.make_optimizer(resumed, 1e-3, 0.01)
+    state = restore(checkpoint, optimizer, torch.amp.GradScaler("cpu", enabled=False), Processes())
+    assert state == TrainState(**expected["state"]) and optimizer.state_dict()["state"]
+    # older version-1 files: the best score under its first name, settings that did not exist yet
+    old = torch.load(path, weights_only=True)
+    old["state"]["best_bleu4"] = old["state"].pop("best_score")
+    del old["args"]["bucket_windows"], old["args"]["select_by"]
+    torch.save(old, tmp_path / "older.pt")
+    upgraded = load_checkpoint(str(tmp_path / "older.pt"), expected["settings"], train.RESUME_MUST_MATCH, 1)
+    assert upgraded["state"]["best_score"] == 0.25 and upgraded["args"]["select_by"] == "bleu4"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import support.backbones as backbones
+from captioner import image_tokens
 from support.backbones import (BLIPBackbone, available_backbones, check_backbone_name, load_backbone,
                                 load_blip_vision)
 
@@ -125,7 +126,7 @@ def test_key_map_loads_and_matches_the_reference_forward(tiny_checkpoint):
     torch.testing.assert_close(global_embedding, expected[:, 0], atol=1e-5, rtol=0)
     # grid[b, :, r, c] is patch r * 4 + c (row-major, as the patches were flattened)
     torch.testing.assert_close(grid.flatten(2).transpose(1, 2), expected[:, 1:], atol=1e-5, rtol=0)
-    assert backbone.image_tokens(pixels, grid=2).shape == (2, 5, 64)
+    assert image_tokens(backbone, pixels, grid=2).shape == (2, 5, 64)
 
 
 def test_load_backbone_by_name_reads_the_torch_hub_cache(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 unreadable images listed and left out; a stopped build resumed; shares of the rows filled by several
 processes."""
 import json
+from types import SimpleNamespace
 import os
 
 import numpy as np
@@ -11,9 +12,9 @@ import torch
 import data
 import support.embedding_cache as embedding_cache
 import support.images as images
-from captioner import embedding_precision
+from captioner import image_tokens
+from support.processes import embedding_precision
 from support.backbones import load_backbone
-from support.processes import Processes
 from conftest import run_train, train_argv
 
 
@@ -39,7 +40,7 @@ def test_cache_is_built_once_then_memory_mapped(tiny_dataset, tiny_clip_dir, tmp
     # the cached tokens are what the backbone computes for each image, in order
     backbone = load_backbone(name)
     import torch
-    direct = backbone.image_tokens(torch.stack([backbone.preprocess(items[3].path)]), 2)
+    direct = image_tokens(backbone, torch.stack([backbone.preprocess(items[3].path)]), 2)
     np.testing.assert_allclose(tokens[3].astype(np.float32), direct[0].numpy(), atol=2e-2, rtol=1e-2)
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]  # no leftovers from the atomic write
 
@@ -208,7 +209,9 @@ def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_di
                                              rank=0, world_size=2) == 8
     embedding_cache.publish_token_cache(cache, items, backbone.preprocessing)  # rank 0, after a barrier
     tokens, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "two"),
-                                             processes=Processes(rank=1, world_size=2), get_backbone=no_backbone)
+                                             processes=SimpleNamespace(rank=1, world_size=2, is_main=False,
+                                                                       barrier=lambda: None),
+                                             get_backbone=no_backbone)
     np.testing.assert_array_equal(np.array(tokens), np.array(expected))
     assert {k: v for k, v in meta.items() if "unreadable_file" != k} == \
         {k: v for k, v in expected_meta.items() if "unreadable_file" != k}

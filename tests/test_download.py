@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import support.coco_download as coco
+from data import cached_image_tokens, read_karpathy
+from support.embedding_cache import TokenCache
 import train
 from conftest import write_dataset
 
@@ -197,18 +199,18 @@ def test_images_read_from_zips_give_the_tokens_of_the_same_images_in_folders(tin
         (tmp_path / "folders" / name).unlink()
     name = f"clip:{tiny_clip_dir}"
     for split in ("train", "val"):
-        from_folders = coco.read_karpathy(str(tmp_path / "folders"), split)
-        from_zips = coco.read_karpathy(str(zipped), split)
+        from_folders = read_karpathy(str(tmp_path / "folders"), split)
+        from_zips = read_karpathy(str(zipped), split)
         folder = "train2014" if split == "train" else "val2014"
         assert [item.path for item in from_zips] == \
             [str(zipped / f"{folder}.zip" / folder / item.filename) for item in from_folders]
         with zipfile.ZipFile(zipped / f"{folder}.zip") as archive:
             info = archive.getinfo(from_zips[0].source.member)
         assert (from_zips[0].source.zip_size, from_zips[0].source.zip_crc) == (info.file_size, info.CRC)
-        expected, _ = coco.cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"),
+        expected, _ = cached_image_tokens(from_folders, split, name, 2, str(tmp_path / "cache"),
                                                num_workers=0)
         for workers in (0, 2):  # each worker opens its own ZipFile
-            tokens, meta = coco.cached_image_tokens(from_zips, split, name, 2,
+            tokens, meta = cached_image_tokens(from_zips, split, name, 2,
                                                      str(tmp_path / f"cache{workers}"), batch_size=3,
                                                      num_workers=workers)
             assert meta["unreadable"] == []
@@ -219,8 +221,8 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
     root = str(tmp_path / "data")
     karpathy_coco(root)
     shutil.rmtree(os.path.join(root, "val2014"))
-    items = coco.read_karpathy(root, "val")
-    key = coco.TokenCache.of(items, "val", "x", 2, str(tmp_path)).key
+    items = read_karpathy(root, "val")
+    key = TokenCache.of(items, "val", "x", 2, str(tmp_path)).key
     with zipfile.ZipFile(os.path.join(root, "val2014.zip")) as archive:
         members = {m: archive.read(m) for m in archive.namelist()}
     names = sorted(members)  # 4 val images, then 4 test images
@@ -228,10 +230,10 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
         for i, member in enumerate(names):
             if i != 1:
                 archive.writestr(member, members[names[-1]] if i == 0 else members[member])
-    changed = coco.read_karpathy(root, "val")
-    assert coco.TokenCache.of(changed, "val", "x", 2, str(tmp_path)).key != key
+    changed = read_karpathy(root, "val")
+    assert TokenCache.of(changed, "val", "x", 2, str(tmp_path)).key != key
     assert changed[1].source.zip_size == -1
-    _, meta = coco.cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path),
+    _, meta = cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path),
                                        num_workers=0)
     assert meta["unreadable"] == [1]
     assert meta["unreadable_images"][0]["error"].startswith("FileNotFoundError: no val2014/")
@@ -244,9 +246,9 @@ def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
     os.remove(os.path.join(root, "train2014.zip"))
     with pytest.raises(FileNotFoundError,
                        match=r"data/train2014: no such folder, and no train2014.zip beside it"):
-        coco.read_karpathy(root, "train")
+        read_karpathy(root, "train")
     with open(os.path.join(root, "train2014.zip"), "wb") as f:
         f.write(b"PK not really")
     with pytest.raises(ValueError,
                        match=r"train2014.zip: not a readable zip archive .* Delete it and run again"):
-        coco.read_karpathy(root, "train")
+        read_karpathy(root, "train")

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_empty_captions_duplicates_and_images_in_both_splits_are_warned_about(ru
     result = script("train.py", *run("--max-epochs", "1"))
     assert result.returncode == 0
     assert "1 empty train captions are left out" in result.stdout
-    assert "1 val entries name an image already listed" in result.stdout
+    assert "1 val entries name an image listed before; each is merged into the first, captions united" \
+        in result.stdout
     assert "1 images are in both the train and the val split" in result.stdout
 
 
@@ -394,3 +396,116 @@ def test_kill_9_while_embedding_is_resumed_to_the_same_tokens(run, tiny_dataset,
     clean, _ = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "clean"),
                                         num_workers=0)
     np.testing.assert_array_equal(resumed, clean)
+
+
+# ---- the second probe: SCST's own input, decoding's memory and positions, invalid Unicode ----
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], ["--resume"], []])
+def test_scst_never_writes_over_the_model_it_starts_from(tmp_path, flags):
+    out = tmp_path / "run"
+    out.mkdir()
+    start = out / "model.pt"
+    start.write_bytes(open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read())
+    os.symlink(out, tmp_path / "alias")  # the same folder under another name is caught too
+    for out_dir in (out, tmp_path / "alias"):
+        result = script("scst.py", "--checkpoint", start, "--out-dir", out_dir, "--device", "cpu", *flags)
+        assert result.returncode == 2
+        assert "is where this run writes its own model.pt or checkpoint.pt" in result.stderr
+    assert start.read_bytes() == open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read()
+    assert sorted(os.listdir(out)) == ["model.pt"]
+
+
+def test_a_beam_that_cannot_fit_one_image_is_refused_with_the_figures(tmp_path):
+    image = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    model = os.path.join(FIXTURES, "legacy-model.pt")
+    result = script("captioner.py", "--checkpoint", model, "--beam-size", "10000000000", image, "--device", "cpu",
+                    "--max-length", "8")
+    assert result.returncode == 1
+    assert re.match(r"error: --beam-size 10000000000: decoding one image needs about [\d.]+ GiB "
+                    r"\(10000000000 beams x a 7-token vocabulary\), more than the [\d.]+ GiB", last_error(result))
+    result = script("evaluate.py", "--checkpoint", model, "--beam-size", "1", "10000000000", "--data-dir",
+                    tmp_path / "nowhere", "--device", "cpu", "--out-dir", tmp_path / "eval", "--max-length", "8")
+    assert result.returncode == 1 and "--beam-size 10000000000: decoding one image" in last_error(result)
+
+
+def test_decoding_batches_fit_the_free_memory_and_say_so(monkeypatch, capsys):
+    import captioner
+    model, tokenizer, _ = load_model(os.path.join(FIXTURES, "legacy-model.pt"))
+    tokens = torch.randn(7, 2, 4)
+    whole = captioner.caption_image_tokens(model, tokenizer, tokens, 3, "cpu", 128, 8)
+    per_image = 3 * (16 * 7 + 8 * 1 * 8 * (8 + 2) + 40 * 8)
+    monkeypatch.setattr(captioner, "free_memory", lambda device: 2 * 2 * per_image)  # room for two images
+    assert captioner.caption_image_tokens(model, tokenizer, tokens, 3, "cpu", 128, 8) == whole
+    assert "decoding 2 images at a time, not 128" in capsys.readouterr().err
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.20 GiB")
+    monkeypatch.setattr(captioner, "beam_search", out_of_memory)
+    with pytest.raises(ValueError, match="out of memory while decoding 2 images at beam size 3 on cpu; lower "
+                                         "--beam-size or --batch-size"):
+        captioner.caption_image_tokens(model, tokenizer, tokens, 3, "cpu", 128, 8)
+
+
+def test_max_length_past_the_decoders_positions_is_refused_everywhere(tmp_path):
+    from captioner import beam_search, sample_captions
+    model = os.path.join(FIXTURES, "legacy-model.pt")  # its decoder has 16 positions
+    decoder, _, _ = load_model(model)
+    tokens = torch.randn(2, 2, 4)
+    for decode in (lambda: beam_search(decoder, tokens, 2, 17), lambda: sample_captions(decoder, tokens, 2, 17)):
+        with pytest.raises(ValueError, match="--max-length 17: this decoder reads at most 16 tokens"):
+            decode()
+    assert beam_search(decoder, tokens, 2, 16)[0].shape[1] <= 16
+    image = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    result = script("captioner.py", "--checkpoint", model, "--max-length", "100", image, "--device", "cpu")
+    assert last_error(result) == "error: --max-length 100: this decoder reads at most 16 tokens"
+    result = script("evaluate.py", "--checkpoint", model, "--max-length", "100", "--data-dir", tmp_path,
+                    "--device", "cpu", "--out-dir", tmp_path / "eval")
+    assert last_error(result) == "error: --max-length 100: this decoder reads at most 16 tokens"
+
+
+def test_captions_that_are_not_valid_unicode_are_repaired_once_for_every_use(tiny_dataset, small_decoder_dir,
+                                                                           capsys):
+    from transformers import AutoTokenizer
+    from evaluate import bleu4_original, bleu4_sacrebleu, coco_metrics
+
+    def change(images):  # valid JSON: json.dump writes the lone surrogate as the escape \ud800
+        images[16]["sentences"][0]["raw"] = "A red \ud800 picture."
+        images[17]["sentences"][1]["raw"] = "Plain \udc00\ud83d\ude00 and simple."
+    edit_dataset(tiny_dataset, change)
+    items = data.read_karpathy(tiny_dataset, "val")
+    out = capsys.readouterr().out
+    assert out.count("not valid Unicode") == 1 and "captions of 2 val entries" in out
+    assert "images[16] (000000000016.jpg)" in out
+    assert items[0].captions[0] == "A red \ufffd picture."
+    assert items[1].captions[1] == "Plain \ufffd\U0001F600 and simple."  # the pair is kept whole
+    references = [item.captions for item in items]
+    tokenizer = AutoTokenizer.from_pretrained(small_decoder_dir)
+    data.tokenize_captions(tokenizer, items, 40)  # train.py's use
+    hypotheses = ["a red picture"] * len(items)
+    coco_metrics(hypotheses, references)  # evaluate.py's and scst.py's
+    bleu4_sacrebleu(hypotheses, references)
+    bleu4_original(hypotheses, references, tokenizer)
+
+
+def test_evaluate_finds_an_unwritable_out_dir_before_any_work(tmp_path, monkeypatch):
+    import evaluate
+    make_read_only(tmp_path / "eval", monkeypatch)
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "absent.pt"), "--out-dir",
+                                                  str(tmp_path / "eval"), "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--out-dir .*eval: cannot write here \(Read-only file system\); "
+                                         r"choose another --out-dir"):
+        evaluate.main(args)
+
+
+def test_duplicate_entries_of_one_image_are_merged_with_their_captions(tiny_dataset, capsys):
+    edit_dataset(tiny_dataset, lambda images: images.extend([dict(images[16], cocoid=100 + k, sentences=[
+        {"raw": f"Copy {k} of the first val image."}]) for k in range(10_000)]))
+    items = data.read_karpathy(tiny_dataset, "val")
+    assert len(items) == 4 and items[0].cocoid == 16
+    assert len(items[0].captions) == 2 + 10_000 and items[0].captions[2] == "Copy 0 of the first val image."
+    assert "10000 val entries name an image listed before" in capsys.readouterr().out

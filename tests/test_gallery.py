@@ -213,3 +213,17 @@ def test_gallery_escapes_text_and_survives_unreadable_pictures(tmp_path):
     again = tmp_path / "again.html"  # the random view is the same every time
     evaluate.write_gallery(str(again), items, results, captions, per_image, 2, "test: 5 images, <model.pt>")
     assert again.read_text() == page
+
+
+def test_bidirectional_controls_in_names_are_shown_not_obeyed(tmp_path):
+    # U+202E reverses what follows: "photo\u202egpj.exe" would read as "photoexe.jpg"
+    sources = [ImageSource(f"x{i}.jpg", str(tmp_path / f"x{i}.jpg")) for i in range(2)]
+    items = [SplitImage(0, "photo\u202egpj.exe", ["a \u2066caption\u2069"], sources[0]),
+             SplitImage(1, "plain.jpg", ["\u200fref"], sources[1])]
+    results = [{key: 0.25 for _, key, _ in evaluate.COLUMNS} | {"beam_size": 1}]
+    path = tmp_path / "gallery.html"
+    evaluate.write_gallery(str(path), items, results, [["cap\u202a", "ok"]],
+                           [{"cider_d": [1.0, 0.5], "bleu4": [0.1, 0.2]}], 2, "header \u202e")
+    page = path.read_text()
+    assert not re.search("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", page)
+    assert "photo&lt;U+202E&gt;gpj.exe" in page and "&lt;U+2066&gt;caption&lt;U+2069&gt;" in page

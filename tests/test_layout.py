@@ -12,8 +12,9 @@ TOP = ("captioner", "data", "evaluate", "train", "scst")
 ALLOWED = {module: set(TOP[:k]) for k, module in enumerate(TOP)}  # each file may import the ones before it
 SUPPORT = sorted(os.path.relpath(p, REPO)[:-3].replace(os.sep, ".")
                  for p in glob.glob(os.path.join(REPO, "support", "*.py")))
-# the most lines a file should hold (STYLE.md: "about"; a few lines of slack, not a second budget)
-BUDGETS = {"captioner": 560, "data": 260, "evaluate": 260, "train": 470, "scst": 400}
+# The most lines a file may hold: the "about" 550 / 250 / 250 / 450 / 330 lines (support: 400),
+# with the slack that "about" gives; more is a signal to look at what the file holds, not to raise the figure.
+BUDGETS = {"captioner": 575, "data": 260, "evaluate": 260, "train": 475, "scst": 370}
 SUPPORT_BUDGET = 410
 FUNCTION_LINES = 62  # beam_search aside: its steps read best as one loop
 LONG_ALLOWED = {("captioner", "beam_search")}

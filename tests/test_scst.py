@@ -160,7 +160,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     assert modes and not any(modes)
     run_scst(argv("b", "--stop-after-steps", "2"))  # inside the first epoch
     run_scst(argv("b", "--resume", "--stop-after-steps", "2"))  # inside the second
+    os.rename(tmp_path / "ce" / "model.pt", tmp_path / "ce" / "moved.pt")  # --resume needs checkpoint.pt only
     run_scst(argv("b", "--resume"))
+    os.rename(tmp_path / "ce" / "moved.pt", tmp_path / "ce" / "model.pt")
 
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     train_a = [(r["step"], r["loss"], r["reward"]) for r in log_a if r["type"] == "train"]
