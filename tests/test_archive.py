@@ -180,6 +180,9 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     optimizer = train.make_optimizer(resumed, 1e-3, 0.01)
     state = restore(checkpoint, optimizer, torch.amp.GradScaler("cpu", enabled=False), Processes())
     assert state == TrainState(**expected["state"]) and optimizer.state_dict()["state"]
+    wrong = dict(checkpoint["config"], image_width=5)  # weights that do not fit the config: named, not loaded
+    with pytest.raises(ArchiveError, match="legacy-checkpoint.pt: damaged checkpoint: .*do not fit its config"):
+        model_from_data(wrong, checkpoint["model"], checkpoint["tokenizer"], path, "checkpoint")
     # older version-1 files: the best score under its first name, settings that did not exist yet
     old = torch.load(path, weights_only=True)
     old["state"]["best_bleu4"] = old["state"].pop("best_score")

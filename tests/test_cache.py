@@ -114,6 +114,15 @@ def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_cl
     assert embedding_cache.drop_unreadable(items[4:], readable, {"unreadable": []})[1] is readable
 
 
+def test_a_cache_dir_with_glob_characters_leaves_nothing_behind(tiny_dataset, tiny_clip_dir, tmp_path):
+    items = data.read_karpathy(tiny_dataset, "train")
+    spoil(items)  # unreadable images: each rank lists them in a .jsonl that publishing removes
+    folder = tmp_path / "cache [a]*"
+    _, meta = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(folder), num_workers=0)
+    assert meta["unreadable"] == [1, 2, 3]
+    assert not [f for f in os.listdir(folder) if ".partial" in f or ".tmp-" in f], os.listdir(folder)
+
+
 def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_dir, tmp_path):
     items = data.read_karpathy(tiny_dataset, "val")
     for item in items:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -509,3 +510,18 @@ def test_duplicate_entries_of_one_image_are_merged_with_their_captions(tiny_data
     assert len(items) == 4 and items[0].cocoid == 16
     assert len(items[0].captions) == 2 + 10_000 and items[0].captions[2] == "Copy 0 of the first val image."
     assert "10000 val entries name an image listed before" in capsys.readouterr().out
+
+
+def test_a_signal_to_another_process_stops_rank_0_saying_why(monkeypatch):
+    from support.processes import Processes, StopRequest
+    from support.run import RunFiles, TrainState
+    processes = Processes(rank=0, world_size=2)
+
+    def all_reduce(flag, op=None):  # what rank 1, which got SIGTERM, contributes
+        flag.fill_(1.0)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stop_request = StopRequest(processes)
+    assert stop_request.requested() and stop_request.signal == "a signal to another process"
+    files = RunFiles(SimpleNamespace(out_dir="out"), processes)
+    with pytest.raises(SystemExit, match="stopped by a signal to another process at step 3: out/checkpoint.pt"):
+        files.end(stop_request, TrainState(step=3, epoch=0), 2, "done")
