@@ -16,6 +16,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -25,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support.backbones import VisionBackbone, load_backbone
-from support.files import ArchiveError, atomic_torch_save, cpu_state_dict, load_versioned
+from support.caption_files import caption_files
+from support.files import (ArchiveError, atomic_torch_save, cpu_state_dict, load_versioned,
+                           tokenizer_from_data, tokenizer_to_data)
 from support.images import load_image
 from support.processes import autocast, default_device, embedding_precision, free_memory
 
@@ -350,10 +353,10 @@ def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
 
 
 def images_per_batch(model: CaptionModel, beam_size: int, max_length: int, wanted: int, device) -> int:
-    """How many images beam_search may decode at once: at most `wanted`, and as many as fit in half of the
-    memory free on `device`. Per image and beam, a step holds about four float32 rows of the vocabulary
-    (logits, log-probabilities, candidates, top-k), the KV cache and the captions so far; at beam 1000, 50k
-    tokens make 0.8 GB an image. Refuses, with the figures, a beam size that cannot decode even one image."""
+    """How many images beam_search may decode at once: at most `wanted`, as many as fit in half of the memory
+    free on `device`. Per image and beam, a step holds about four float32 rows of the vocabulary (logits,
+    log-probabilities, candidates, top-k), the KV cache and the captions so far: 0.8 GB an image at beam 1000
+    with GPT-2's 50k tokens. A beam size that cannot decode even one image is refused, with the figures."""
     config = model.decoder.config
     per_beam = (16 * config.vocab_size + 8 * config.n_layer * config.n_embd * (max_length +
                 model.config.num_image_tokens) + 40 * max_length)  # bytes
@@ -399,17 +402,6 @@ def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, dev
 
 ARCHIVE_FORMAT = "captioner-model"
 ARCHIVE_VERSION = 2  # 2: the validation BLEU-4 is metadata["val_bleu4"] (version 1: "val_bleu4_coco")
-
-
-def tokenizer_to_data(tokenizer) -> dict:
-    return {"json": tokenizer.backend_tokenizer.to_str(), "eos_token": tokenizer.eos_token}
-
-
-def tokenizer_from_data(data: dict):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(data["json"]),
-                                   eos_token=data["eos_token"], bos_token=data["eos_token"])
 
 
 def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
@@ -497,7 +489,12 @@ class Captioner(nn.Module):
     def encode(self, images) -> torch.Tensor:
         """A list of paths or PIL images -> image tokens (B, K, D), float32: exactly the tokens that training
         cached for the same image (same precision, rounded to float16 as the cache stores them)."""
-        pixels = torch.stack([self.backbone.preprocess(image) for image in images]).to(self.device)
+        return self.encode_pixels(torch.stack([self.backbone.preprocess(image) for image in images]))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (B, 3, S, S), as support/images.py's ImageFiles gives them -> (B, K, D)."""
+        pixels = pixels.to(self.device)
         with autocast(self.device, embedding_precision(self.device, self.embedding_precision)):
             tokens = image_tokens(self.backbone, pixels, self.model.config.image_grid)
         return tokens.float().half().float()
@@ -506,10 +503,14 @@ class Captioner(nn.Module):
     def forward(self, images, beam_size: int = 1, max_length: int = 30, length_penalty: float = 1.0):
         single = not isinstance(images, (list, tuple))
         self.model.check_max_length(max_length)  # before the backbone runs
-        tokens = self.encode([images] if single else images)
-        texts = caption_image_tokens(self.model, self.tokenizer, tokens, beam_size, self.device, len(tokens),
-                                     max_length, length_penalty)
+        texts = self.caption_tokens(self.encode([images] if single else images), beam_size, max_length,
+                                    length_penalty)
         return texts[0] if single else texts
+
+    def caption_tokens(self, tokens, beam_size: int = 1, max_length: int = 30, length_penalty: float = 1.0):
+        """Image tokens (B, K, D) -> B captions, in batches that fit in memory."""
+        return caption_image_tokens(self.model, self.tokenizer, tokens, beam_size, self.device, len(tokens),
+                                    max_length, length_penalty)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -517,7 +518,7 @@ class Captioner(nn.Module):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Caption images with a trained model", add_help=True)
-    parser.add_argument("images", nargs="+", help="image files (any format and mode PIL reads)")
+    parser.add_argument("images", nargs="+", help="image files (any format and mode PIL reads), or folders")
     parser.add_argument("--checkpoint", default="out/model.pt", help="model archive written by train.py")
     parser.add_argument("--beam-size", type=int, default=1, help="beams per image; 1 = greedy")
     parser.add_argument("--max-length", type=int, default=30, help="most tokens per caption, EOS included")
@@ -525,17 +526,29 @@ def get_args_parser():
                         help="final score = sum of log-probs / length**length_penalty")
     parser.add_argument("--batch-size", type=int, default=32, help="images decoded together")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    parser.add_argument("--output", default=None,
+                        help="write path and caption per image to this file as it goes, JSON lines or CSV by "
+                             "its extension; a rerun skips what it holds (default with a folder: "
+                             "captions.jsonl; without: print them)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image reading workers for --output (default: CPU cores, at most 8)")
     return parser
 
 
 def main(args):
-    if args.beam_size < 1 or args.max_length < 1 or args.batch_size < 1:
-        raise SystemExit("--beam-size, --max-length and --batch-size must be at least 1")
+    if min(args.beam_size, args.max_length, args.batch_size, args.num_workers + 1) < 1:
+        raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1")
     device = args.device or default_device()
     model, tokenizer, archive = load_model(args.checkpoint)
     model.check_max_length(args.max_length)  # both before loading the backbone or reading an image
     images_per_batch(model, args.beam_size, args.max_length, 1, device)
     captioner = Captioner.around(model, tokenizer, archive, args.checkpoint).to(device)
+    if args.output or any(os.path.isdir(path) for path in args.images):  # into a file, resumably
+        return caption_files(args.images, args.output or "captions.jsonl", captioner.backbone.preprocessing,
+                             lambda pixels: captioner.caption_tokens(captioner.encode_pixels(pixels),
+                                                                     args.beam_size, args.max_length,
+                                                                     args.length_penalty),
+                             args.batch_size, args.num_workers)
     unreadable = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []

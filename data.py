@@ -2,18 +2,17 @@
 The data under train.py, evaluate.py and scst.py: a split of a captioned dataset, its captions as token ids,
 and the frozen backbone's image tokens for its images, computed once and cached.
 
-    items = read_karpathy("data/coco", "val")             # [SplitImage(cocoid, filename, captions, source)]
+    items = read_split("data/coco", "val")                # [SplitImage(cocoid, filename, captions, source)]
     items, tokens, meta = split_image_tokens(items, "val", "blip:base", 3, default_cache_dir())
     tokens[i]                                             # (K, D) float16, the image tokens of items[i]
 
-In reading order: the Karpathy split file, captions to token ids, and the one entry point from images to
-cached image tokens. The machinery lives in support/: the COCO download (coco_download.py), reading an image
-from a folder or a zip (images.py), and the cache's files, resumable and shared by processes
-(embedding_cache.py).
+In reading order: a split of the dataset (COCO's or Flickr's Karpathy JSON, or Hugging Face's imagefolder),
+captions to token ids, and the one entry point from images to cached image tokens. The machinery lives in
+support/: the dataset layouts (datasets.py), the COCO download (coco_download.py), reading an image from a
+folder or a zip (images.py), and the cache's files, resumable and shared by processes (embedding_cache.py).
 """
 
 import functools
-import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from captioner import image_tokens
 from support.backbones import load_backbone
 from support.coco_download import DownloadError, prepare_coco  # noqa: F401  (DownloadError: for train.py)
+from support.datasets import DatasetError, is_other_dataset, read_dataset  # noqa: F401 (for the scripts)
 from support.embedding_cache import default_cache_dir, drop_unreadable, load_or_build_cache  # noqa: F401
 from support.images import ImageSource
 from support.processes import Processes, autocast, embedding_precision
@@ -40,54 +40,62 @@ class SplitImage:
         return self.source.path
 
 
-def read_karpathy(data_dir: str, split: str) -> list[SplitImage]:
-    """Images of one split of a Karpathy-format `dataset_coco.json`. `train` also takes `restval` (the 30k
-    val2014 images Karpathy added to training). An image is the file DATA_DIR/filepath/filename or, when only
-    DATA_DIR/filepath.zip is there, its member filepath/filename. Entries that name one image are merged into
-    one, their captions united; captions that are not valid Unicode are repaired; each is said once."""
-    path = os.path.join(data_dir, "dataset_coco.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; --data-dir must hold a Karpathy-format "
-                                f"dataset_coco.json and the images it names")
-    try:
-        with open(path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a Karpathy-format split file ({type(e).__name__}: {e})") from None
+def read_split(data_dir: str, split: str, val_share: float = 0.05, test_share: float = 0.05,
+               need_captions: bool = True) -> list[SplitImage]:
+    """Images of one split (train, val or test) of the dataset in data_dir, in whichever layout it comes
+    (support/datasets.py: Karpathy's JSON for COCO and Flickr, or Hugging Face's imagefolder). Karpathy's
+    `train` also takes `restval` (the 30k val2014 images Karpathy added to training); a COCO image folder may
+    stay zipped (DATA_DIR/train2014.zip). Entries that name one image are merged into one, their captions
+    united; captions that are not valid Unicode are repaired; images without captions are left out (or, with
+    need_captions=False, a split without any is returned uncaptioned); each is said once."""
+    records, description = _dataset(os.path.abspath(data_dir), val_share, test_share)
     wanted = ("train", "restval") if split == "train" else (split,)
     by_name, archives, report = {}, {}, {"uncaptioned": [], "empty": 0, "repaired": [], "merged": []}
-    for i, image in enumerate(images):
-        try:
-            if image["split"] not in wanted:
-                continue
-            folder, filename = image.get("filepath", ""), image["filename"]
-            if not _inside(data_dir, folder, filename):
-                raise ValueError(f"{path}: images[{i}] names {os.path.join(folder, filename)!r}, which is "
-                                 f"not inside {data_dir}; refusing to read it")
-            captions = [valid_text(s["raw"]).strip() for s in image["sentences"]]
-            if any(c != s["raw"].strip() for c, s in zip(captions, image["sentences"])):
-                report["repaired"].append(f"images[{i}] ({filename})")
-            report["empty"] += captions.count("")
-            captions = [caption for caption in captions if caption]
-            if not captions:  # nothing to learn from or to score against
-                report["uncaptioned"].append(image.get("cocoid", i))
-                continue
-            source = _image_source(data_dir, folder, filename, archives)
-            if source.name in by_name:  # the same picture listed again: one image with every caption
-                first = by_name[source.name]
-                by_name[source.name] = SplitImage(first.cocoid, first.filename,
-                                                  list(dict.fromkeys(first.captions + captions)), first.source)
-                report["merged"].append(source.name)
-            else:
-                by_name[source.name] = SplitImage(image.get("cocoid", image.get("imgid", i)), filename, captions,
-                                                  source)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: images[{i}] is malformed (missing or wrong {e})") from None
-    _report(path, split, report)
+    for record in records:
+        if record["split"] not in wanted:
+            continue
+        folder, filename = record["folder"], record["filename"]
+        if not isinstance(folder, str) or not isinstance(filename, str) or not filename:
+            raise ValueError(f"{record['listed_in']} is malformed (missing or wrong filepath/filename)")
+        if not _inside(data_dir, folder, filename):
+            raise ValueError(f"{record['listed_in']} names {os.path.join(folder, filename)!r}, which is not "
+                             f"inside {data_dir}; refusing to read it")
+        captions = [valid_text(c).strip() for c in record["captions"]]
+        if any(c != raw.strip() for c, raw in zip(captions, record["captions"])):
+            report["repaired"].append(f"{record['listed_in'].split(': ')[-1]} ({filename})")
+        report["empty"] += captions.count("")
+        captions = [caption for caption in captions if caption]
+        if not captions and need_captions:  # nothing to learn from or to score against
+            report["uncaptioned"].append(record["id"])
+            continue
+        source = _image_source(data_dir, folder, filename, archives, record["listed_in"])
+        if source.name in by_name:  # the same picture listed again: one image with every caption
+            first = by_name[source.name]
+            by_name[source.name] = SplitImage(first.cocoid, first.filename,
+                                              list(dict.fromkeys(first.captions + captions)), first.source)
+            report["merged"].append(source.name)
+        else:
+            by_name[source.name] = SplitImage(record["id"], filename, captions, source)
+    _report(description.split(",")[0], split, report)
     if not by_name:
-        present = sorted({image.get("split") for image in images if isinstance(image, dict)})
-        raise ValueError(f"{path}: split {split!r} has no images with captions (splits present: {present})")
+        present = sorted({r["split"] for r in records if isinstance(r["split"], str)})
+        raise ValueError(f"{data_dir} ({description}): split {split!r} has no images"
+                         f"{' with captions' if need_captions else ''} (splits present: {present})")
     return list(by_name.values())
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_cached(data_dir: str, val_share: float, test_share: float, stamp: tuple):
+    records, description = read_dataset(data_dir, val_share, test_share)
+    print(f"dataset: {description}")  # once per process and dataset
+    return records, description
+
+
+def _dataset(data_dir: str, val_share: float, test_share: float):
+    """read_dataset, parsed once per process until a file of the folder's top level changes."""
+    stamp = tuple(sorted((entry.name, entry.stat().st_mtime_ns) for entry in os.scandir(data_dir)
+                         if entry.is_file())) if os.path.isdir(data_dir) else ()
+    return _dataset_cached(data_dir, val_share, test_share, stamp)
 
 
 def valid_text(text: str) -> str:
@@ -96,20 +104,20 @@ def valid_text(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _report(path: str, split: str, report: dict):
+def _report(dataset: str, split: str, report: dict):
     """Say once what reading the split left out, merged or repaired."""
     def first(names: list) -> str:
         return ", ".join(map(str, names[:3])) + (" ..." if len(names) > 3 else "")
     if report["uncaptioned"]:
-        print(f"warning: {path}: {len(report['uncaptioned'])} {split} images have no caption and are left "
+        print(f"warning: {dataset}: {len(report['uncaptioned'])} {split} images have no caption and are left "
               f"out (cocoids {report['uncaptioned'][:5]}{' ...' if len(report['uncaptioned']) > 5 else ''})")
     if report["empty"]:
-        print(f"warning: {path}: {report['empty']} empty {split} captions are left out")
+        print(f"warning: {dataset}: {report['empty']} empty {split} captions are left out")
     if report["merged"]:
-        print(f"warning: {path}: {len(report['merged'])} {split} entries name an image listed before; each "
+        print(f"warning: {dataset}: {len(report['merged'])} {split} entries name an image listed before; each "
               f"is merged into the first, captions united ({first(report['merged'])})")
     if report["repaired"]:
-        print(f"warning: {path}: captions of {len(report['repaired'])} {split} entries are not valid Unicode "
+        print(f"warning: {dataset}: captions of {len(report['repaired'])} {split} entries are not valid Unicode "
               f"(lone surrogates); those characters are replaced by U+FFFD ({first(report['repaired'])})")
 
 
@@ -124,7 +132,7 @@ def _inside(data_dir: str, folder: str, filename: str) -> bool:
                 or ".." in relative.replace("\\", "/").split("/"))
 
 
-def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> ImageSource:
+def _image_source(data_dir: str, folder: str, filename: str, archives: dict, listed_in: str) -> ImageSource:
     """`archives` caches each folder's zip directory:
     {folder: None (a folder) or (zip path, {member: (size, crc)})}."""
     directory = os.path.join(data_dir, folder)
@@ -132,8 +140,7 @@ def _image_source(data_dir: str, folder: str, filename: str, archives: dict) -> 
         archives[folder] = None
         if not os.path.isdir(directory) and not os.path.isfile(directory + ".zip"):
             raise FileNotFoundError(f"{directory}: no such folder, and no {os.path.basename(directory)}.zip "
-                                    f"beside it; {os.path.join(data_dir, 'dataset_coco.json')} names "
-                                    f"images there")
+                                    f"beside it; {listed_in} names an image there")
         if not os.path.isdir(directory):
             try:
                 with zipfile.ZipFile(directory + ".zip") as archive:
@@ -216,19 +223,21 @@ def split_image_tokens(items, split: str, backbone_name: str, grid: int, cache_d
 
 
 def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_workers, processes: Processes,
-                    download=False) -> dict:
+                    download=False, val_share=0.05, test_share=0.05) -> dict:
     """-> {"train": ..., "val": ...}: each split's readable images ("items"), their cached image tokens
     ("tokens") and the backbone's "preprocessing", for train.py and scst.py. With download, rank 0 fetches
     what data_dir lacks of COCO first."""
-    if download and processes.is_main:  # one process downloads; torchrun stops the others if it fails
+    if download and processes.is_main and not is_other_dataset(data_dir):
+        # what data_dir lacks of COCO; torchrun stops the other processes if this fails
         prepare_coco(data_dir)
     processes.barrier()
     get_backbone = functools.cache(lambda: load_backbone(backbone_name))  # once, for both splits
     splits = {}
     for split in ("train", "val"):
         items, tokens, meta = split_image_tokens(
-            read_karpathy(data_dir, split), split, backbone_name, grid, cache_dir, device=processes.device,
-            precision=precision, num_workers=num_workers, get_backbone=get_backbone, processes=processes)
+            read_split(data_dir, split, val_share, test_share), split, backbone_name, grid, cache_dir,
+            device=processes.device, precision=precision, num_workers=num_workers, get_backbone=get_backbone,
+            processes=processes)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
     shared = {item.source.name for item in splits["train"]["items"]} & \
         {item.source.name for item in splits["val"]["items"]}

@@ -30,8 +30,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from sacrebleu.metrics import BLEU
 
 from captioner import ArchiveError, caption_image_tokens, default_device, images_per_batch, load_model
-from data import default_cache_dir, read_karpathy, split_image_tokens
+from data import default_cache_dir, read_split, split_image_tokens
 from support.files import atomic_write_text, check_writable
+from support.flags import add_share_arguments
 from support.ptb_tokenizer import coco_tokenize
 from support.report import COLUMNS, table_rows, write_gallery
 
@@ -114,7 +115,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser("Decode a split and score it with the COCO caption metrics")
     parser.add_argument("--checkpoint", default="out/model.pt", help="model archive written by train.py")
     parser.add_argument("--data-dir", default="data/coco",
-                        help="folder with a Karpathy-format dataset_coco.json")
+                        help="the dataset, in any layout train.py reads (its --help says which)")
+    add_share_arguments(parser)
     parser.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to caption")
     parser.add_argument("--beam-size", type=int, nargs="+", default=[1],
                         help="one or more beam sizes; 1 = greedy")
@@ -143,6 +145,26 @@ def score_captions(captions, references, tokenizer, meteor) -> tuple[dict, dict,
     return figures, per_image, signature
 
 
+def caption_and_score(model, tokenizer, image_tokens, items, args, device, meteor):
+    """Decode the split at each beam size and score it -> (the table's rows, captions.jsonl's lines, the
+    captions and per-image scores of each beam size, sacrebleu's signature)."""
+    results, lines, all_captions, per_image = [], [], [], []
+    references = [item.captions for item in items]
+    for beam_size in args.beam_size:
+        start = time.time()
+        captions = caption_image_tokens(model, tokenizer, image_tokens, beam_size, device, args.batch_size,
+                                        args.max_length, args.length_penalty)
+        seconds = time.time() - start
+        figures, scores, signature = score_captions(captions, references, tokenizer, meteor)
+        results.append({"beam_size": beam_size, **figures, "seconds": seconds})
+        lines += [json.dumps({"cocoid": item.cocoid, "filename": item.filename, "beam_size": beam_size,
+                              "caption": caption, "cider_d": cider, "bleu4": bleu})
+                  for item, caption, cider, bleu in zip(items, captions, scores["cider_d"], scores["bleu4"])]
+        all_captions.append(captions)
+        per_image.append(scores)
+    return results, lines, all_captions, per_image, signature
+
+
 def main(args):
     if min(args.beam_size) < 1 or args.max_length < 1 or args.batch_size < 1 or args.gallery < 0:
         raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1, "
@@ -156,7 +178,11 @@ def main(args):
     for beam_size in args.beam_size:
         images_per_batch(model, beam_size, args.max_length, 1, device)
     config = model.config
-    all_items = read_karpathy(args.data_dir, args.split)
+    all_items = read_split(args.data_dir, args.split, args.val_share, args.test_share, need_captions=False)
+    if not any(item.captions for item in all_items):
+        raise SystemExit(f"error: {args.data_dir}: the {args.split} split has no captions to score against; "
+                         f"caption its images with python captioner.py --checkpoint MODEL FOLDER")
+    all_items = [item for item in all_items if item.captions]
     # The backbone runs as it did for the training images (the run's recorded precision). An image that
     # cannot be read has no caption to score: it is left out, named in meta["unreadable_file"] and counted in
     # metrics.json, so that a figure on fewer images is never mistaken for the full split.
@@ -167,25 +193,13 @@ def main(args):
     if meta["preprocessing"] != archive["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{meta['preprocessing']}, the model was trained with {archive['preprocessing']}")
-    references = [item.captions for item in items]
     meteor = meteor_scorer()  # its Java process loads while we decode
     print(f"{args.split}: {len(items)} images, model {args.checkpoint} ({config.vision_backbone}, "
           f"{config.num_image_tokens} image tokens, {config.language_model}), {device}"
           f"{'' if meteor else '; no java on PATH, so no METEOR'}")
 
-    results, lines, all_captions, per_image = [], [], [], []
-    for beam_size in args.beam_size:
-        start = time.time()
-        captions = caption_image_tokens(model, tokenizer, image_tokens, beam_size, device, args.batch_size,
-                                        args.max_length, args.length_penalty)
-        seconds = time.time() - start
-        figures, scores, signature = score_captions(captions, references, tokenizer, meteor)
-        results.append({"beam_size": beam_size, **figures, "seconds": seconds})
-        lines += [json.dumps({"cocoid": item.cocoid, "filename": item.filename, "beam_size": beam_size,
-                              "caption": caption, "cider_d": cider, "bleu4": bleu})
-                  for item, caption, cider, bleu in zip(items, captions, scores["cider_d"], scores["bleu4"])]
-        all_captions.append(captions)
-        per_image.append(scores)
+    results, lines, all_captions, per_image, signature = caption_and_score(model, tokenizer, image_tokens, items,
+                                                                            args, device, meteor)
     print(f"sacrebleu signature: {signature}")
     rows = table_rows(results)
     for row in rows[:1] + [["---"] * len(COLUMNS)] + rows[1:]:

@@ -265,7 +265,8 @@ def fine_tune(args, processes: Processes):
     files, device = RunFiles(args, processes), processes.device
     model, tokenizer, start, checkpoint = starting_model(args, processes)
     splits = training_splits(args.data_dir, model.config.vision_backbone, model.config.image_grid,
-                             args.cache_dir, start["embedding_precision"], args.num_workers, processes)
+                             args.cache_dir, start["embedding_precision"], args.num_workers, processes,
+                             val_share=args.val_share, test_share=args.test_share)
     if splits["train"]["preprocessing"] != start["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{splits['train']['preprocessing']}, the model with {start['preprocessing']}")

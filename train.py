@@ -412,7 +412,8 @@ def train(args, processes: Processes):
         args.embedding_precision = checkpoint["args"].get("embedding_precision", "32")
 
     splits = training_splits(args.data_dir, args.vision_backbone, args.image_grid, args.cache_dir,
-                             args.embedding_precision, args.num_workers, processes, args.download)
+                             args.embedding_precision, args.num_workers, processes, args.download,
+                             args.val_share, args.test_share)
     model, tokenizer = setup_model(args, processes, checkpoint, splits["train"]["tokens"].shape[2])
     add_captions(splits, tokenizer, args.max_caption_tokens)
     if args.tokens_on_device:  # 1.7 GB for COCO's train split: batches are then gathered on the GPU

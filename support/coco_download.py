@@ -75,7 +75,7 @@ def _named_folders(json_path: str) -> set:
         with open(json_path, encoding="utf-8") as f:
             return {image.get("filepath") for image in json.load(f)["images"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()  # data.read_karpathy will say what is wrong with the file
+        return set()  # data.read_split will say what is wrong with the file
 
 
 def _part_size(path: str) -> int:

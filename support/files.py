@@ -140,6 +140,18 @@ def safe_torch_load(path: str, allowed_globals=(), error=ArchiveError):
             raise error(f"{unreadable}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
+def tokenizer_to_data(tokenizer) -> dict:
+    """A fast tokenizer as plain data (its JSON and EOS token), which safe loading rebuilds."""
+    return {"json": tokenizer.backend_tokenizer.to_str(), "eos_token": tokenizer.eos_token}
+
+
+def tokenizer_from_data(data: dict):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(data["json"]),
+                                   eos_token=data["eos_token"], bos_token=data["eos_token"])
+
+
 def load_versioned(path: str, expected_format: str, versions) -> dict:
     """A plain-data dict {"format": expected_format, "version": one of `versions`, ...} from `path`."""
     obj = safe_torch_load(path)

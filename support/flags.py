@@ -15,7 +15,9 @@ def add_shared_arguments(parser):
     """Data, optimisation, validation decoding, and the run (add_run_arguments)."""
     add = parser.add_argument
     add("--data-dir", default="data/coco",
-        help="folder with a Karpathy-format dataset_coco.json and its images")
+        help="the dataset: Karpathy's dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json, or "
+             "Hugging Face's imagefolder (metadata.jsonl or metadata.csv), with its images")
+    add_share_arguments(parser)
     add("--cache-dir", default=None, help="where image embeddings are cached (default: "
                                           "$XDG_CACHE_HOME/captioner/embeddings or "
                                           "~/.cache/captioner/embeddings)")
@@ -50,6 +52,19 @@ def add_shared_arguments(parser):
     add_run_arguments(parser)  # --out-dir, --resume, --overwrite, --device, --log-interval, ...
 
 
+def add_share_arguments(parser):
+    parser.add_argument("--val-share", type=float, default=0.05,
+                        help="an imagefolder without splits: the share of images for validation, by a hash of "
+                             "each file name (default %(default)s)")
+    parser.add_argument("--test-share", type=float, default=0.05,
+                        help="... and for the test split (default %(default)s)")
+
+
+def check_share_args(args, parser):
+    if not (0 <= args.val_share < 1 and 0 <= args.test_share < 1 and args.val_share + args.test_share < 1):
+        parser.error("--val-share and --test-share must be in [0, 1) and leave images to train on")
+
+
 def check_shared_args(args, parser):
     """Check the flags of add_shared_arguments; resolve --device, --precision auto and --cache-dir."""
     for name in ("max_epochs", "batch_size", "accumulate_grad_batches", "eval_batch_size", "max_length"):
@@ -66,6 +81,7 @@ def check_shared_args(args, parser):
     if not 0 <= args.warmup_fraction < 1 or not 0 <= args.min_lr_ratio <= 1:
         parser.error("--warmup-fraction must be in [0, 1) and --min-lr-ratio in [0, 1] (a negative floor "
                      "would end the run in gradient ascent)")
+    check_share_args(args, parser)
     check_run_args(args, parser)  # resolves --device and --precision auto
     args.cache_dir = args.cache_dir or default_cache_dir()
     args.data_dir = os.path.abspath(args.data_dir)

@@ -145,7 +145,7 @@ def test_tied_weights_from_a_gpu_model_are_stored_once(archive):
 
 def test_the_api_sees_the_image_tokens_that_training_cached(archive, tiny_dataset, tmp_path):
     import data
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     cap = Captioner.load(archive[0])
     cached, _ = data.cached_image_tokens(items, "val", cap.model.config.vision_backbone, 2,
                                          str(tmp_path / "c"), num_workers=0)

@@ -23,7 +23,7 @@ def no_backbone():
 
 
 def test_cache_is_built_once_then_memory_mapped(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     loads = []
 
@@ -46,7 +46,7 @@ def test_cache_is_built_once_then_memory_mapped(tiny_dataset, tiny_clip_dir, tmp
 
 
 def test_other_settings_or_images_never_reuse_a_cache(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     first, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
     other_grid, _ = data.cached_image_tokens(items, "train", name, 1, str(tmp_path), num_workers=0)
@@ -57,7 +57,7 @@ def test_other_settings_or_images_never_reuse_a_cache(tiny_dataset, tiny_clip_di
 
 
 def test_a_damaged_cache_is_detected_and_rebuilt(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     tokens, _ = data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)
     expected = np.array(tokens)
@@ -86,7 +86,7 @@ def spoil(items):
 
 
 def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     spoil(items)
     name = f"clip:{tiny_clip_dir}"
     kept, view, meta = data.split_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
@@ -115,7 +115,7 @@ def test_unreadable_images_are_counted_listed_and_left_out(tiny_dataset, tiny_cl
 
 
 def test_a_cache_dir_with_glob_characters_leaves_nothing_behind(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     spoil(items)  # unreadable images: each rank lists them in a .jsonl that publishing removes
     folder = tmp_path / "cache [a]*"
     _, meta = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(folder), num_workers=0)
@@ -124,7 +124,7 @@ def test_a_cache_dir_with_glob_characters_leaves_nothing_behind(tiny_dataset, ti
 
 
 def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     for item in items:
         with open(item.path, "w") as f:
             f.write("not a picture")
@@ -135,7 +135,7 @@ def test_a_split_without_one_readable_image_is_an_error(tiny_dataset, tiny_clip_
 
 def test_training_leaves_unreadable_images_out(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path,
                                                capsys):
-    spoil(data.read_karpathy(tiny_dataset, "train"))
+    spoil(data.read_split(tiny_dataset, "train"))
     run_train(train_argv(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                          "--max-epochs", "1"))
     out = capsys.readouterr().out
@@ -162,7 +162,7 @@ def counting(backbone, seen, stop_after_batches=None):
 
 
 def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     expected, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "a"), batch_size=4,
                                            num_workers=0)
@@ -185,7 +185,7 @@ def test_a_stopped_extraction_resumes_where_it_stopped(tiny_dataset, tiny_clip_d
 
 
 def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     with pytest.raises(Interrupt):
         data.cached_image_tokens(
@@ -202,7 +202,7 @@ def test_a_damaged_partial_cache_is_started_over(tiny_dataset, tiny_clip_dir, tm
 
 
 def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     expected, expected_meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path / "one"),
                                                         batch_size=4, num_workers=0)
@@ -227,7 +227,7 @@ def test_shares_filled_by_two_ranks_equal_one_process(tiny_dataset, tiny_clip_di
 
 
 def test_the_precision_is_part_of_the_key_and_cpu_stays_fp32(tiny_dataset):
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     assert [embedding_precision(d, p) for d, p in [("cpu", "16"), ("cpu", "bf16"), ("cuda", "16"),
                                                          ("cuda:1", "bf16"), ("cuda", "32")]] == \
         ["32", "32", "16", "bf16", "32"]
@@ -242,7 +242,7 @@ def test_the_precision_is_part_of_the_key_and_cpu_stays_fp32(tiny_dataset):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["16", "bf16"])
 def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     fp32, _ = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), num_workers=0)
     mixed, meta = data.cached_image_tokens(items, "train", name, 2, str(tmp_path), device="cuda", num_workers=2,
@@ -254,10 +254,10 @@ def test_mixed_precision_extraction_on_gpu_is_close_to_fp32(precision, tiny_data
 def test_a_moved_data_folder_keeps_its_cache(tiny_dataset, tiny_clip_dir, tmp_path):
     import shutil
     name = f"clip:{tiny_clip_dir}"
-    tokens, _ = data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", name, 2,
+    tokens, _ = data.cached_image_tokens(data.read_split(tiny_dataset, "val"), "val", name, 2,
                                          str(tmp_path / "c"), num_workers=0)
     moved = shutil.move(tiny_dataset, str(tmp_path / "elsewhere"))
-    again, _ = data.cached_image_tokens(data.read_karpathy(moved, "val"), "val", name, 2, str(tmp_path / "c"),
+    again, _ = data.cached_image_tokens(data.read_split(moved, "val"), "val", name, 2, str(tmp_path / "c"),
                                         get_backbone=no_backbone)
     np.testing.assert_array_equal(again, tokens)
 
@@ -266,7 +266,7 @@ def test_a_bug_is_not_recorded_as_an_unreadable_image(tiny_dataset, tiny_clip_di
     def broken(image, preprocessing):
         raise TypeError("a programming error")
     monkeypatch.setattr(images, "preprocess_image", broken)
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     with pytest.raises(TypeError, match="a programming error"):
         data.cached_image_tokens(items, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path), num_workers=0)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".unreadable.json")]

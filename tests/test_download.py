@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import support.coco_download as coco
-from data import cached_image_tokens, read_karpathy
+from data import cached_image_tokens, read_split
 from support.embedding_cache import TokenCache
 import train
 from conftest import write_dataset
@@ -199,8 +199,8 @@ def test_images_read_from_zips_give_the_tokens_of_the_same_images_in_folders(tin
         (tmp_path / "folders" / name).unlink()
     name = f"clip:{tiny_clip_dir}"
     for split in ("train", "val"):
-        from_folders = read_karpathy(str(tmp_path / "folders"), split)
-        from_zips = read_karpathy(str(zipped), split)
+        from_folders = read_split(str(tmp_path / "folders"), split)
+        from_zips = read_split(str(zipped), split)
         folder = "train2014" if split == "train" else "val2014"
         assert [item.path for item in from_zips] == \
             [str(zipped / f"{folder}.zip" / folder / item.filename) for item in from_folders]
@@ -221,7 +221,7 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
     root = str(tmp_path / "data")
     karpathy_coco(root)
     shutil.rmtree(os.path.join(root, "val2014"))
-    items = read_karpathy(root, "val")
+    items = read_split(root, "val")
     key = TokenCache.of(items, "val", "x", 2, str(tmp_path)).key
     with zipfile.ZipFile(os.path.join(root, "val2014.zip")) as archive:
         members = {m: archive.read(m) for m in archive.namelist()}
@@ -230,7 +230,7 @@ def test_a_changed_zip_member_changes_the_cache_key_and_a_missing_one_is_unreada
         for i, member in enumerate(names):
             if i != 1:
                 archive.writestr(member, members[names[-1]] if i == 0 else members[member])
-    changed = read_karpathy(root, "val")
+    changed = read_split(root, "val")
     assert TokenCache.of(changed, "val", "x", 2, str(tmp_path)).key != key
     assert changed[1].source.zip_size == -1
     _, meta = cached_image_tokens(changed, "val", f"clip:{tiny_clip_dir}", 2, str(tmp_path),
@@ -246,9 +246,9 @@ def test_images_neither_in_a_folder_nor_zipped_are_named(tmp_path):
     os.remove(os.path.join(root, "train2014.zip"))
     with pytest.raises(FileNotFoundError,
                        match=r"data/train2014: no such folder, and no train2014.zip beside it"):
-        read_karpathy(root, "train")
+        read_split(root, "train")
     with open(os.path.join(root, "train2014.zip"), "wb") as f:
         f.write(b"PK not really")
     with pytest.raises(ValueError,
                        match=r"train2014.zip: not a readable zip archive .* Delete it and run again"):
-        read_karpathy(root, "train")
+        read_split(root, "train")

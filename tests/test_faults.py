@@ -103,10 +103,10 @@ def test_paths_outside_the_data_folder_are_refused(run, tiny_dataset, filepath, 
 def test_symbolic_links_the_owner_made_are_followed_and_nul_bytes_refused(tiny_dataset, tmp_path):
     os.rename(os.path.join(tiny_dataset, "images"), tmp_path / "elsewhere")
     os.symlink(tmp_path / "elsewhere", os.path.join(tiny_dataset, "images"))  # images -> /datasets/..., say
-    assert len(data.read_karpathy(tiny_dataset, "train")) == 16
+    assert len(data.read_split(tiny_dataset, "train")) == 16
     edit_dataset(tiny_dataset, lambda images: images[2].update(filename="a\0b.jpg"))
     with pytest.raises(ValueError, match="images\\[2\\] names 'images/a\\\\x00b.jpg', which is not inside"):
-        data.read_karpathy(tiny_dataset, "train")
+        data.read_split(tiny_dataset, "train")
 
 
 def test_a_fifo_is_listed_as_unreadable_instead_of_hanging_the_run(run, tiny_dataset, tmp_path):
@@ -228,7 +228,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_at_once(run, tmp_path):
 
 
 def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, tiny_clip_dir, tmp_path):
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     name = f"clip:{tiny_clip_dir}"
     cache = embedding_cache.TokenCache.of(items, "train", name, 2, str(tmp_path / "cache"))
     os.makedirs(tmp_path / "cache")
@@ -318,12 +318,12 @@ def test_a_read_only_cache_dir_is_named(run, tiny_dataset, tiny_clip_dir, tmp_pa
     make_read_only(tmp_path / "cache", monkeypatch)
     with pytest.raises(OSError,
                        match="cache: cannot write the embedding cache here \\(Read-only file system\\)"):
-        data.cached_image_tokens(data.read_karpathy(tiny_dataset, "val"), "val", f"clip:{tiny_clip_dir}", 2,
+        data.cached_image_tokens(data.read_split(tiny_dataset, "val"), "val", f"clip:{tiny_clip_dir}", 2,
                                  str(tmp_path / "cache"), num_workers=0)
 
 
 def test_same_size_damage_to_a_published_cache_is_detected(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     name = f"clip:{tiny_clip_dir}"
     tokens = np.array(data.cached_image_tokens(items, "val", name, 2, str(tmp_path), num_workers=0)[0])
     cache = embedding_cache.TokenCache.of(items, "val", name, 2, str(tmp_path))
@@ -392,7 +392,7 @@ def test_kill_9_while_embedding_is_resumed_to_the_same_tokens(run, tiny_dataset,
             "backbones.CLIPBackbone.features = dying", argv)
     assert any(p.name.endswith(".partial.npy") for p in (tmp_path / "cache").iterdir())
     assert script("train.py", *argv).returncode == 0
-    items = data.read_karpathy(tiny_dataset, "train")
+    items = data.read_split(tiny_dataset, "train")
     resumed, _ = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "cache"))
     clean, _ = data.cached_image_tokens(items, "train", f"clip:{tiny_clip_dir}", 2, str(tmp_path / "clean"),
                                         num_workers=0)
@@ -478,7 +478,7 @@ def test_captions_that_are_not_valid_unicode_are_repaired_once_for_every_use(tin
         images[16]["sentences"][0]["raw"] = "A red \ud800 picture."
         images[17]["sentences"][1]["raw"] = "Plain \udc00\ud83d\ude00 and simple."
     edit_dataset(tiny_dataset, change)
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     out = capsys.readouterr().out
     assert out.count("not valid Unicode") == 1 and "captions of 2 val entries" in out
     assert "images[16] (000000000016.jpg)" in out
@@ -506,7 +506,7 @@ def test_evaluate_finds_an_unwritable_out_dir_before_any_work(tmp_path, monkeypa
 def test_duplicate_entries_of_one_image_are_merged_with_their_captions(tiny_dataset, capsys):
     edit_dataset(tiny_dataset, lambda images: images.extend([dict(images[16], cocoid=100 + k, sentences=[
         {"raw": f"Copy {k} of the first val image."}]) for k in range(10_000)]))
-    items = data.read_karpathy(tiny_dataset, "val")
+    items = data.read_split(tiny_dataset, "val")
     assert len(items) == 4 and items[0].cocoid == 16
     assert len(items[0].captions) == 2 + 10_000 and items[0].captions[2] == "Copy 0 of the first val image."
     assert "10000 val entries name an image listed before" in capsys.readouterr().out

@@ -32,7 +32,7 @@ def test_a_small_decoder_learns_to_caption_real_photographs(tmp_path):
                "--log-interval", "40"])
 
     model, tokenizer, _ = load_model(str(tmp_path / "out" / "model.pt"))
-    items = data.read_karpathy(COCO_MINI, "val")
+    items = data.read_split(COCO_MINI, "val")
     tokens, _ = data.cached_image_tokens(items, "val", "efficientnet-lite0", 3, cache)
     references = [item.captions for item in items]
     shuffled = np.roll(np.array(tokens), 1, axis=0)  # every image gets its neighbour's tokens

@@ -14,7 +14,7 @@ import scst
 import train
 from captioner import caption_logprobs, sample_captions
 from conftest import EOS, VOCAB, image_tokens, read_log, run_train, tiny_model, train_argv
-from data import read_karpathy
+from data import read_split
 from evaluate import coco_tokenize
 from support.files import safe_torch_load
 
@@ -109,7 +109,7 @@ def test_an_scst_step_raises_the_expected_reward():
 def test_our_cider_d_equals_pycocoevalcaps_with_the_same_document_frequencies():
     if not os.path.isfile(os.path.join(COCO_MINI, "dataset_coco.json")):
         pytest.skip(f"{COCO_MINI} is not here")
-    items = read_karpathy(COCO_MINI, "val")[:200] + read_karpathy(COCO_MINI, "test")[:100]
+    items = read_split(COCO_MINI, "val")[:200] + read_split(COCO_MINI, "test")[:100]
     references = [item.captions for item in items]
     rng = random.Random(0)
     # a held-out reference of the image itself, another image's caption, or a shuffled one

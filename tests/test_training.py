@@ -157,16 +157,16 @@ def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
 
 
 def test_reading_a_dataset_with_problems_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset_coco.json: no such file"):
-        data.read_karpathy(str(tmp_path), "train")
+    with pytest.raises(ValueError, match=f"{tmp_path}: no dataset here: neither Karpathy's dataset_coco.json"):
+        data.read_split(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text("{not json")
     with pytest.raises(ValueError, match="dataset_coco.json: not a Karpathy-format split file"):
-        data.read_karpathy(str(tmp_path), "train")
+        data.read_split(str(tmp_path), "train")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "val", "filename": "a.jpg",
                                                                          "sentences": [{"raw": "x"}]}]}))
     with pytest.raises(ValueError,
                        match=r"split 'train' has no images with captions \(splits present: \['val'\]\)"):
-        data.read_karpathy(str(tmp_path), "train")
+        data.read_split(str(tmp_path), "train")
 
 
 def test_no_two_seed_and_epoch_pairs_share_an_order():
