@@ -213,7 +213,8 @@ def _metadata_records(path: str, split: str | None) -> list:
                                                              _dataset_root(path, split)),
             "filename": os.path.basename(name), "id": row.get("id", row.get("image_id", name)), "captions": [],
             "listed_in": where})
-        record["captions"] += _captions(row.get(caption_column), where) if caption_column else []
+        for column in CAPTION_COLUMNS:  # rows may differ in which one they use
+            record["captions"] += _captions(row.get(column), where)
     if missing:
         raise DatasetError(f"{path}: {len(missing)} file_name{'s' if len(missing) > 1 else ''} with no such "
                            f"file in {folder} (first: {missing[0]!r})")
