@@ -6,7 +6,7 @@ In reading order: the caption model and its loss, how a backbone's features beco
 (a batched beam search on the decoder's KV cache, and the sampler that self-critical training uses), saving
 and loading a model (plain data only), the inference API (`Captioner`) and a command line:
 
-    python captioner.py --checkpoint out/model.pt --beam-size 3 a.jpg b.jpg
+    python captioner.py --checkpoint out/model --beam-size 3 a.jpg b.jpg
 
 The model is defined here and nowhere else; data.py, evaluate.py, train.py and scst.py import it. The
 machinery (backbone weights, image reading, safe file handling) lives in support/.
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from support.backbones import VisionBackbone, load_backbone
 from support.caption_files import caption_files
-from support.files import (ArchiveError, atomic_torch_save, cpu_state_dict, load_versioned,
-                           tokenizer_from_data, tokenizer_to_data)
+from support.files import ArchiveError, cpu_state_dict, tokenizer_from_data
+from support.model_folder import locate, read_model_archive, read_model_folder, write_model_folder
 from support.images import load_image
 from support.processes import autocast, default_device, embedding_precision, free_memory
 
@@ -396,20 +396,15 @@ def caption_image_tokens(model, tokenizer, image_tokens, beam_size: int = 1, dev
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ---- saving and loading a model (model.pt) ----
-# Plain data only: tensors, numbers, strings, lists and dicts. torch.load(weights_only=True) reads it, so
-# loading a file never runs code from it.
+# ---- saving and loading a model ----
+# A folder in the Hugging Face Hub's format (support/model_folder.py): config.json, model.safetensors and the
+# tokenizer's files, plain data only, so loading never runs code from them. model.pt files of earlier releases
+# are still read (torch.load(weights_only=True)), never written.
 
-ARCHIVE_FORMAT = "captioner-model"
-ARCHIVE_VERSION = 2  # 2: the validation BLEU-4 is metadata["val_bleu4"] (version 1: "val_bleu4_coco")
-
-
-def save_model(path: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
-    """Write the model archive: weights, config, tokenizer and preprocessing, all plain data."""
-    archive = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "config": asdict(model.config),
-               "state_dict": cpu_state_dict(model), "tokenizer": tokenizer_to_data(tokenizer),
-               "preprocessing": preprocessing, "metadata": metadata or {}}
-    atomic_torch_save(archive, path)
+def save_model(folder: str, model: CaptionModel, tokenizer, preprocessing: dict, metadata: dict | None = None):
+    """Write the model folder: its config, weights (tied ones once), tokenizer, preprocessing and a card."""
+    write_model_folder(folder, asdict(model.config), cpu_state_dict(model), tokenizer, preprocessing,
+                       metadata or {})
 
 
 def model_from_data(config: dict, state_dict: dict, tokenizer: dict, path: str, what="model archive"):
@@ -432,16 +427,9 @@ def model_from_data(config: dict, state_dict: dict, tokenizer: dict, path: str, 
 
 
 def load_model(path: str):
-    """Read a model archive -> (model on CPU in eval mode, tokenizer, archive dict)."""
-    archive = load_versioned(path, ARCHIVE_FORMAT, (1, ARCHIVE_VERSION))
-    if not all(isinstance(archive.get(key), dict) for key in ("config", "state_dict", "tokenizer",
-                                                              "preprocessing", "metadata")):
-        raise ArchiveError(f"{path}: damaged model archive: a part is missing")
-    if archive["version"] == 1:  # one name per figure since version 2
-        metadata = dict(archive["metadata"])
-        if "val_bleu4_coco" in metadata:
-            metadata["val_bleu4"] = metadata.pop("val_bleu4_coco")
-        archive = {**archive, "version": ARCHIVE_VERSION, "metadata": metadata}
+    """A model folder, a Hub id (user/name) or an older model.pt -> (model, CPU, eval mode; tokenizer; its
+    description: "config", "preprocessing", "metadata")."""
+    archive = read_model_archive(path) if os.path.isfile(path) else read_model_folder(locate(path))
     model, tokenizer = model_from_data(archive["config"], archive["state_dict"], archive["tokenizer"], path)
     return model, tokenizer, archive
 
@@ -452,7 +440,7 @@ def load_model(path: str):
 class Captioner(nn.Module):
     """Images in, captions out.
 
-        cap = Captioner.load("out/model.pt").to(device)
+        cap = Captioner.from_pretrained("out/model").to(device)    # a folder, a Hub id, or a model.pt
         cap("photo.jpg", beam_size=3)            # -> str
         cap([img1, img2], beam_size=3)           # -> list[str], decoded as one batch
         tokens = cap.encode([img1, img2])        # (B, K, D) image tokens, what beam_search takes
@@ -466,9 +454,15 @@ class Captioner(nn.Module):
         self.embedding_precision = embedding_precision
 
     @classmethod
-    def load(cls, path: str) -> "Captioner":
-        """Load a model archive and the backbone it names, in eval mode, on the CPU."""
+    def from_pretrained(cls, path: str) -> "Captioner":
+        """A model (a folder, a Hub id, a model.pt) with the backbone it names, in eval mode, on the CPU."""
         return cls.around(*load_model(path), path)
+
+    load = from_pretrained
+
+    def save_pretrained(self, folder: str):
+        """Write the model folder that from_pretrained reads (and `hf upload` publishes)."""
+        save_model(folder, self.model, self.tokenizer, self.backbone.preprocessing, self.metadata)
 
     @classmethod
     def around(cls, model: CaptionModel, tokenizer, archive: dict, path: str) -> "Captioner":
@@ -478,8 +472,9 @@ class Captioner(nn.Module):
             raise ArchiveError(f"{path}: the backbone {backbone.name} now preprocesses images as "
                                f"{backbone.preprocessing} with width {backbone.width}, but the model was "
                                f"trained on {archive['preprocessing']} with width {model.config.image_width}")
-        precision = archive["metadata"].get("embedding_precision", "32")
-        return cls(backbone, model, tokenizer, precision).eval()
+        captioner = cls(backbone, model, tokenizer, archive["metadata"].get("embedding_precision", "32"))
+        captioner.metadata = archive["metadata"]
+        return captioner.eval()
 
     @property
     def device(self) -> torch.device:
@@ -518,8 +513,10 @@ class Captioner(nn.Module):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Caption images with a trained model", add_help=True)
-    parser.add_argument("images", nargs="+", help="image files (any format and mode PIL reads), or folders")
-    parser.add_argument("--checkpoint", default="out/model.pt", help="model archive written by train.py")
+    parser.add_argument("images", nargs="*", help="image files (any format and mode PIL reads), or folders")
+    parser.add_argument("--checkpoint", default="out/model",
+                        help="the model: train.py's OUT/model folder, a Hub id, or an earlier release's model.pt")
+    parser.add_argument("--convert", metavar="FOLDER", help="write --checkpoint as a model folder, and stop")
     parser.add_argument("--beam-size", type=int, default=1, help="beams per image; 1 = greedy")
     parser.add_argument("--max-length", type=int, default=30, help="most tokens per caption, EOS included")
     parser.add_argument("--length-penalty", type=float, default=1.0,
@@ -536,10 +533,14 @@ def get_args_parser():
 
 
 def main(args):
-    if min(args.beam_size, args.max_length, args.batch_size, args.num_workers + 1) < 1:
-        raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1")
+    if min(args.beam_size, args.max_length, args.batch_size, args.num_workers + 1) < 1 or not (args.images or
+                                                                                            args.convert):
+        raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1; name images")
     device = args.device or default_device()
     model, tokenizer, archive = load_model(args.checkpoint)
+    if args.convert:  # an earlier release's model.pt (or any model) as a model folder
+        save_model(args.convert, model, tokenizer, archive["preprocessing"], archive["metadata"])
+        return print(f"wrote {args.convert}: {', '.join(sorted(os.listdir(args.convert)))}")
     model.check_max_length(args.max_length)  # both before loading the backbone or reading an image
     images_per_batch(model, args.beam_size, args.max_length, 1, device)
     captioner = Captioner.around(model, tokenizer, archive, args.checkpoint).to(device)

@@ -1,7 +1,7 @@
 """
 Decode a split with a trained model and score it with the COCO caption metrics, one table row per beam size.
 
-    python evaluate.py --checkpoint out/model.pt --data-dir data/coco --split test --beam-size 1 2 3 4
+    python evaluate.py --checkpoint out/model --data-dir data/coco --split test --beam-size 1 2 3 4
 
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D follow the COCO caption protocol that papers report: captions are
 lowercased and PTB-tokenized, punctuation is removed, and pycocoevalcap's scorers score the tokens. Our Python
@@ -113,7 +113,8 @@ def bleu4_original(hypotheses: list[str], references: list[list[str]], tokenizer
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Decode a split and score it with the COCO caption metrics")
-    parser.add_argument("--checkpoint", default="out/model.pt", help="model archive written by train.py")
+    parser.add_argument("--checkpoint", default="out/model",
+                        help="the model: train.py's OUT/model folder, a Hub id, or an earlier release's model.pt")
     parser.add_argument("--data-dir", default="data/coco",
                         help="the dataset, in any layout train.py reads (its --help says which)")
     add_share_arguments(parser)

@@ -2,7 +2,7 @@
 Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a trained caption model to maximise
 CIDEr-D directly, instead of the likelihood of the reference captions.
 
-    python scst.py --checkpoint out/model.pt --out-dir out/scst --data-dir ../shared/coco-mini
+    python scst.py --checkpoint out/model --out-dir out/scst --data-dir ../shared/coco-mini
 
 Each optimizer step takes a batch of training images, samples --samples-per-image captions per image
 (captioner.sample_captions), rewards each with its CIDEr-D against the image's training references (plus
@@ -12,7 +12,7 @@ self-critical") or that of its greedy caption (--baseline greedy, the paper's). 
 dropout off: the policy sampled and improved is the one that captions at test time (on coco-mini's val split,
 this beat keeping dropout on, as ruotianluo/ImageCaptioning.pytorch does, and it lets one pass sample and
 another score). Val CIDEr-D of greedy captions, measured once before training and after every epoch, picks
-the model kept in OUT/model.pt (train.py's format).
+the model kept in OUT/model (train.py's format).
 
 In reading order: the rewards (CIDEr-D with document frequencies fixed by the training references, in
 support/cider.py, plus sentence BLEU-4) and the policy loss, the loop, and main. The optimisation (AdamW,
@@ -34,14 +34,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from captioner import (ArchiveError, beam_search, caption_image_tokens, caption_logprobs, ids_to_text, load_model,
-                       model_from_data, sample_captions, save_model, tokenizer_to_data)
+                       model_from_data, sample_captions, save_model)
 from data import training_splits
 from evaluate import coco_metrics
 from support.cider import CiderD
+from support.files import tokenizer_to_data
 from support.flags import add_shared_arguments, check_shared_args
 from support.processes import Processes, StopRequest, autocast, interrupt, my_share, to_device
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
-                         run_processes, save_checkpoint, seeded_generator)
+                         run_processes, run_record, save_checkpoint, seeded_generator)
 from train import get_lr, make_optimizer, optimizer_step
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def run_settings(args, start: dict) -> dict:
 
 def starting_model(args, processes):
     """-> (model, tokenizer, start, checkpoint): the model to fine-tune (the checkpoint's when resuming),
-    and `start`: the starting archive's preprocessing and embedding precision, which OUT/model.pt keeps."""
+    and `start`: the starting archive's preprocessing and embedding precision, which OUT/model keeps."""
     path = os.path.join(args.out_dir, "checkpoint.pt")
     checkpoint = load_checkpoint(path, run_settings(args, {}), RESUME_MUST_MATCH, processes.world_size) \
         if args.resume else None
@@ -221,20 +222,20 @@ def starting_model(args, processes):
 
 
 def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, start, files: RunFiles, began: float):
-    """Rank 0: validate; keep the model in OUT/model.pt if it beats the best so far (epoch -1: the start, so
-    that model.pt is never worse than the model fine-tuning began with)."""
+    """Rank 0: validate; keep the model in OUT/model if it beats the best so far (epoch -1: the start, so
+    that it is never worse than the model fine-tuning began with)."""
     scores = validate(model, splits["val"], args, device)
     best = scores["val_cider_d"] > state.best_score
     if best:
         state.best_score = scores["val_cider_d"]
-        save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, start["preprocessing"],
-                   {"epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
+        save_model(os.path.join(args.out_dir, "model"), model, tokenizer, start["preprocessing"],
+                   {**run_record(args), "epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
                     "val_cider_d": scores["val_cider_d"], "beam_size": 1, "scst_from": args.checkpoint,
                     "embedding_precision": start["embedding_precision"]})
     files.log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
                "seconds": time.time() - began},
               f"epoch {epoch}: val CIDEr-D {scores['val_cider_d']:.4f}, BLEU-4 {scores['val_bleu4']:.4f} "
-              f"(greedy){' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+              f"(greedy){' (best so far, saved model/)' if best else ''}; e.g. {scores['example']!r}")
 
 
 def describe_run(args, processes, model, splits, state, checkpoint) -> int:
@@ -250,7 +251,7 @@ def describe_run(args, processes, model, splits, state, checkpoint) -> int:
         f"{args.samples_per_image} samples = {effective_batch * args.samples_per_image} captions; "
         f"{total_steps // args.max_epochs} optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} "
         f"({args.lr_schedule}); baseline {args.baseline}, temperature {args.temperature:g}\noutputs: "
-        f"{args.out_dir}/model.pt (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl"
+        f"{args.out_dir}/model (best by val CIDEr-D, greedy), checkpoint.pt, log.jsonl"
         + (f"\nresuming at epoch {state.epoch}, step {state.step} ({state.step_in_epoch} into the epoch)"
            if checkpoint else ""))
     return total_steps
@@ -312,13 +313,14 @@ def fine_tune(args, processes: Processes):
             if stop_request.requested():
                 break
     files.end(stop_request, state, args.max_epochs,
-              f"done: best val CIDEr-D {state.best_score:.4f}; model in {args.out_dir}/model.pt")
+              f"done: best val CIDEr-D {state.best_score:.4f}; model in {args.out_dir}/model")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Fine-tune a caption model with self-critical sequence training")
     add = parser.add_argument
-    add("--checkpoint", default="out/model.pt", help="the model archive to start from (train.py's model.pt)")
+    add("--checkpoint", default="out/model",
+        help="the model to start from: train.py's OUT/model folder, a Hub id, or an earlier release's model.pt")
     add("--samples-per-image", type=int, default=20,
         help="captions sampled per image and step (K); on coco-mini's val split 20 beat 10, which beat 5: "
              "less variance in the gradient")
@@ -350,9 +352,10 @@ def check_args(args, parser):
     check_shared_args(args, parser)
     args.checkpoint = os.path.abspath(args.checkpoint)
     # the model this run starts from must outlive it: refuse to write over it (or delete it, --overwrite)
-    targets = {os.path.realpath(os.path.join(args.out_dir, name)) for name in ("model.pt", "checkpoint.pt")}
+    targets = {os.path.realpath(os.path.join(args.out_dir, name))
+               for name in ("model", "model.pt", "checkpoint.pt")}
     if os.path.realpath(args.checkpoint) in targets:
-        parser.error(f"--checkpoint {args.checkpoint} is where this run writes its own model.pt or "
+        parser.error(f"--checkpoint {args.checkpoint} is where this run writes its own model or "
                      f"checkpoint.pt (--out-dir {args.out_dir}); choose another --out-dir")
 
 

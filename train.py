@@ -8,7 +8,7 @@ Train a caption decoder on frozen image embeddings.
 data.py provides the captions and the backbone's image tokens (cached on disk); this file runs a hand-rolled
 loop: autocast (bf16, fp16 + GradScaler, or fp32), gradient accumulation whose gradient equals the one big
 batch, AdamW with warmup + cosine, clipping. After every epoch it measures the validation loss, BLEU-4 and
-CIDEr-D (real decoding) and keeps the best epoch in OUT/model.pt; the full training state goes to
+CIDEr-D (real decoding) and keeps the best epoch in OUT/model/ (a model folder); the full training state goes to
 OUT/checkpoint.pt, so that --resume continues exactly where the run stopped (support/run.py).
 
 In reading order: batches, optimisation, train_one_epoch, validation, the flags, and main, whose train()
@@ -31,15 +31,16 @@ import torch
 import torch.distributed as dist
 
 from captioner import (ArchiveError, build_model, caption_image_tokens, labelled_positions, model_from_data,
-                       save_model, tokenizer_to_data)
+                       save_model)
 from data import DownloadError, add_captions, training_splits
 from evaluate import coco_metrics
 from support.backbones import check_backbone_name
+from support.files import tokenizer_to_data
 from support.flags import add_shared_arguments, check_shared_args
 from support.processes import (Processes, StopRequest, autocast, embedding_precision, interrupt, my_share,
                                to_device)
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
-                         restore, run_processes, save_checkpoint, seeded_generator)
+                         restore, run_processes, run_record, save_checkpoint, seeded_generator)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -287,7 +288,7 @@ def get_args_parser():
         help="torch.compile the model for training (the first steps then include the compilation)")
     add("--beam-size", type=int, default=1, help="beams for the validation captions after each epoch")
     add("--select-by", choices=["bleu4", "cider_d"], default="bleu4",
-        help="the validation figure (COCO protocol) that picks the epoch kept in model.pt")
+        help="the validation figure (COCO protocol) that picks the epoch kept in OUT/model")
     return parser
 
 
@@ -370,7 +371,7 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
     windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
     say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
         f"positions in epoch {state.epoch}'s micro-batches (--bucket-windows {args.bucket_windows})")
-    say(f"outputs: {args.out_dir}/model.pt (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
+    say(f"outputs: {args.out_dir}/model (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
         old_epochs = checkpoint["args"].get("max_epochs", args.max_epochs)
@@ -379,21 +380,21 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
 
 
 def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: RunFiles, start: float):
-    """Rank 0: validate, keep the model in OUT/model.pt if it is the best so far, log the epoch."""
+    """Rank 0: validate, keep the model in OUT/model if it is the best so far, log the epoch."""
     scores = validate(model, splits["val"], args, device)
     score = scores[f"val_{args.select_by}"]
     best = (score, -scores["val_loss"]) > (state.best_score, -state.best_val_loss)  # ties: lower val loss
     if best:
         state.best_score, state.best_val_loss = score, scores["val_loss"]
-        save_model(os.path.join(args.out_dir, "model.pt"), model, tokenizer, splits["train"]["preprocessing"],
-                   {"epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
+        save_model(os.path.join(args.out_dir, "model"), model, tokenizer, splits["train"]["preprocessing"],
+                   {**run_record(args), "epoch": epoch, "step": state.step, "val_bleu4": scores["val_bleu4"],
                     "val_cider_d": scores["val_cider_d"], "val_loss": scores["val_loss"],
                     "beam_size": args.beam_size, "embedding_precision": args.embedding_precision})
     files.log({"type": "epoch", "epoch": epoch, "step": state.step, **scores, "best": best,
                "seconds": time.time() - start},
               f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, CIDEr-D "
               f"{scores['val_cider_d']:.4f} (beam {args.beam_size})"
-              f"{' (best so far, saved model.pt)' if best else ''}; e.g. {scores['example']!r}")
+              f"{' (best so far, saved model/)' if best else ''}; e.g. {scores['example']!r}")
 
 
 def main(args):
@@ -455,7 +456,7 @@ def train(args, processes: Processes):
             if stop_request.requested():
                 break
     files.end(stop_request, state, args.max_epochs,
-              f"done: best val {args.select_by} {state.best_score:.4f}; model in {args.out_dir}/model.pt")
+              f"done: best val {args.select_by} {state.best_score:.4f}; model in {args.out_dir}/model")
 
 
 if __name__ == "__main__":

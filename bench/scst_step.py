@@ -7,10 +7,11 @@ weights, image tokens and sampled captions:
             through every decoding step and its KV cache (how scst.py did it before).
 Both then run the same backward pass. Prints seconds per micro-batch, the bytes autograd keeps for the
 backward pass (on any device), peak GPU memory on CUDA, their ratios, and how far apart the two gradients
-are. Random weights by default, or a trained model.pt (--checkpoint), whose captions end at realistic lengths.
+are. Random weights by default, or a trained model (--checkpoint: a model folder or an older model.pt),
+whose captions end at realistic lengths.
 
     python bench/scst_step.py --device cuda
-    python bench/scst_step.py --device cpu --checkpoint runs/scst/ce/model.pt --images 32 --samples 10
+    python bench/scst_step.py --device cpu --checkpoint runs/scst/ce/model --images 32 --samples 10
 """
 
 import argparse
@@ -28,7 +29,7 @@ from train_throughput import synthetic_config  # noqa: E402  (bench/, this scrip
 def get_args_parser():
     parser = argparse.ArgumentParser("SCST micro-batch: one-pass scoring vs backward through the sampler")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--checkpoint", default=None, help="a trained model.pt (default: random weights)")
+    parser.add_argument("--checkpoint", default=None, help="a trained model (default: random weights)")
     parser.add_argument("--images", type=int, default=32, help="images per micro-batch")
     parser.add_argument("--samples", type=int, default=10, help="captions sampled per image")
     parser.add_argument("--max-length", type=int, default=30, help="most tokens per caption")

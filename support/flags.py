@@ -91,7 +91,7 @@ def add_run_arguments(parser):
     """The flags of a run's files, device and logging, which train.py and scst.py share."""
     add = parser.add_argument
     add("--out-dir", default="out",
-        help="model.pt, checkpoint.pt and log.jsonl go here (default %(default)s)")
+        help="model/ (the best epoch), checkpoint.pt and log.jsonl go here (default %(default)s)")
     add("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
     add("--overwrite", action="store_true", help="start over even if OUT holds another run")
     add("--device", default=None, help="cuda, mps or cpu (default: the first available)")

@@ -9,6 +9,9 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,7 +25,13 @@ from support.processes import Processes, StopRequest
 
 CHECKPOINT_FORMAT = "captioner-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: no legacy keys inside; version 1 files are upgraded on reading
-RUN_FILES = ("checkpoint.pt", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl")
+RUN_FILES = ("checkpoint.pt", "model", "model.pt", "log.jsonl", "metrics.json", "captions.jsonl", "gallery.html")
+
+
+def run_record(args) -> dict:
+    """What a saved model records of the run that made it (its card shows it): the command and the data."""
+    return {"command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]) if sys.argv[0] else "",
+            "data_dir": os.path.abspath(args.data_dir)}
 
 
 def seeded_generator(purpose: str, seed: int, *numbers: int) -> torch.Generator:
@@ -37,7 +46,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch running (or next to run)
     step_in_epoch: int = 0  # its optimizer steps done
-    best_score: float = -1.0  # the validation figure of the epoch in model.pt
+    best_score: float = -1.0  # the validation figure of the epoch kept in OUT/model
     best_val_loss: float = math.inf
 
 
@@ -251,8 +260,11 @@ class RunFiles:
             return
         if replace:
             for name in RUN_FILES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.out_dir, name))
+                path = os.path.join(self.out_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
         if resumed_state is not None:
             trim_log(self.log_path, resumed_state)
 

@@ -1,4 +1,5 @@
-"""The model archive: plain data, safe loading, clear errors; the inference API and CLI on top of it."""
+"""The model folder (config.json, model.safetensors, the tokenizer's files): plain data, safe loading, clear
+errors, earlier releases' model.pt still read; the inference API and CLI on top of it."""
 import json
 import os
 import subprocess
@@ -11,21 +12,35 @@ import torch
 from captioner import (ArchiveError, Captioner, beam_search, build_model, load_backbone, load_model,
                        save_model)
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture
 def archive(small_decoder_dir, tiny_clip_dir, tmp_path):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=2)
-    path = str(tmp_path / "model.pt")
+    path = str(tmp_path / "model")
     save_model(path, model, tokenizer, backbone.preprocessing, {"epoch": 3})
     return path, model.eval(), tokenizer
 
 
-def test_round_trip_is_exact_and_loads_with_weights_only(archive):
+def test_round_trip_is_exact_and_the_folder_holds_no_pickle(archive):
+    from safetensors import safe_open
     path, model, tokenizer = archive
-    raw = torch.load(path, weights_only=True)  # plain data: the safe loader reads it
-    assert raw["format"] == "captioner-model" and raw["metadata"] == {"epoch": 3}
-    assert isinstance(raw["config"], dict) and isinstance(raw["tokenizer"]["json"], str)
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        set(os.listdir(path))  # and special_tokens_map.json where transformers writes one
+    for name in os.listdir(path):  # JSON, safetensors and text only: nothing a pickle or a zip could hide in
+        head = open(os.path.join(path, name), "rb").read(2)
+        assert head not in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05"), name
+    with open(os.path.join(path, "config.json")) as f:
+        description = json.load(f)
+    assert description["metadata"] == {"epoch": 3} and description["config"]["image_grid"] == 2
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    state = model.state_dict()
+    assert set(stored) | set(description["tied"]) == set(state)
+    assert all(torch.equal(stored[key], state[key]) for key in stored)
     loaded, loaded_tokenizer, _ = load_model(path)
     tokens = torch.randn(3, model.config.num_image_tokens, model.config.image_width)
     input_ids = torch.randint(0, 50257, (3, 7))
@@ -51,9 +66,8 @@ def test_a_pickled_object_file_is_refused_without_running_it(tmp_path, monkeypat
     assert not marker.exists()
 
 
-def test_truncated_and_foreign_files_give_clear_errors(archive, tmp_path):
-    path, _, _ = archive
-    data = open(path, "rb").read()
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    data = open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read()  # an earlier release's model.pt
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArchiveError, match="truncated.pt: not a readable PyTorch file"):
@@ -66,8 +80,17 @@ def test_truncated_and_foreign_files_give_clear_errors(archive, tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     with pytest.raises(ArchiveError, match="foreign.pt: not a captioner-model file"):
         load_model(str(foreign))
-    with pytest.raises(FileNotFoundError, match="missing.pt: no such file"):
+    with pytest.raises(ArchiveError, match="missing.pt: not a model folder .* nor a Hub id like user/name"):
         load_model(str(tmp_path / "missing.pt"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ArchiveError, match="folder: not a model folder: no model.safetensors, tokenizer.json"):
+        load_model(str(folder))
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArchiveError, match="folder: damaged model folder: ValueError: format None"):
+        load_model(str(folder))
 
 
 def test_captioner_api_single_and_batched(archive, tiny_dataset):
@@ -105,8 +128,8 @@ def test_widths_come_from_the_configs(small_decoder_dir, tmp_path):
     model, tokenizer = build_model(small_decoder_dir, "clip:ViT-L/14", image_width=1024, image_grid=3)
     tokens = torch.randn(2, 10, 1024)
     assert model(tokens, torch.randint(0, 50257, (2, 5)))[0].shape == (2, 5, 50257)
-    save_model(str(tmp_path / "m.pt"), model, tokenizer, {"size": 224})
-    loaded, _, _ = load_model(str(tmp_path / "m.pt"))
+    save_model(str(tmp_path / "m"), model, tokenizer, {"size": 224})
+    loaded, _, _ = load_model(str(tmp_path / "m"))
     ids, _ = beam_search(loaded, tokens, beam_size=2, max_length=4)
     assert ids.shape[0] == 2
     expected = r"expected image tokens of shape \(B, 10, 1024\), got \(2, 10, 768\)"
@@ -120,19 +143,26 @@ def test_saved_files_follow_the_umask(archive, tmp_path):
     try:
         atomic_write(str(tmp_path / "f.json"), lambda f: f.write(b"{}"))
         _, model, tokenizer = archive
-        save_model(str(tmp_path / "m.pt"), model, tokenizer, {"size": 32})
+        save_model(str(tmp_path / "m"), model, tokenizer, {"size": 32})
     finally:
         os.umask(old)
     assert oct(os.stat(tmp_path / "f.json").st_mode & 0o777) == oct(0o644)  # mkstemp alone gives 0600
-    assert oct(os.stat(tmp_path / "m.pt").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "m").st_mode & 0o777) == oct(0o755)  # mkdtemp alone gives 0700
+    assert {oct(os.stat(tmp_path / "m" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "m")} == \
+        {oct(0o644)}
 
 
 def test_tied_weights_are_stored_once(archive):
     from support.files import cpu_state_dict
     state = cpu_state_dict(archive[1])
     assert state["decoder.lm_head.weight"] is state["decoder.transformer.wte.weight"]
-    saved = torch.load(archive[0], weights_only=True)["state_dict"]
-    assert saved["decoder.lm_head.weight"].data_ptr() == saved["decoder.transformer.wte.weight"].data_ptr()
+    from safetensors import safe_open
+    with safe_open(os.path.join(archive[0], "model.safetensors"), "pt") as f:
+        assert "decoder.transformer.wte.weight" in f.keys() and "decoder.lm_head.weight" not in f.keys()
+    with open(os.path.join(archive[0], "config.json")) as f:
+        assert json.load(f)["tied"] == {"decoder.lm_head.weight": "decoder.transformer.wte.weight"}
+    loaded, _, _ = load_model(archive[0])
+    assert loaded.decoder.lm_head.weight is loaded.decoder.transformer.wte.weight
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -154,8 +184,6 @@ def test_the_api_sees_the_image_tokens_that_training_cached(archive, tiny_datase
                                rtol=0, atol=0)  # same precision, rounded to float16 as the cache holds them
 
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
 
 def test_files_written_before_the_support_refactor_still_load(tmp_path):
     """model.pt and checkpoint.pt written by main before support/ existed (tests/fixtures/, made by
@@ -167,7 +195,7 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     with open(os.path.join(FIXTURES, "legacy-expected.json")) as f:
         expected = json.load(f)
     model, tokenizer, archive = load_model(os.path.join(FIXTURES, "legacy-model.pt"))
-    assert archive["version"] == 2 and archive["metadata"]["val_bleu4"] == 0.25  # was val_bleu4_coco
+    assert archive["metadata"]["val_bleu4"] == 0.25  # it calls it val_bleu4_coco
     tokens = torch.tensor(expected["image_tokens"])
     for beam, captions in expected["model_captions"].items():
         assert ids_to_text(tokenizer, beam_search(model, tokens, int(beam), 8)[0]) == captions
@@ -190,3 +218,46 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     torch.save(old, tmp_path / "older.pt")
     upgraded = load_checkpoint(str(tmp_path / "older.pt"), expected["settings"], train.RESUME_MUST_MATCH, 1)
     assert upgraded["state"]["best_score"] == 0.25 and upgraded["args"]["select_by"] == "bleu4"
+
+
+def test_save_pretrained_and_from_pretrained_give_the_same_captions(archive, tiny_dataset, tmp_path):
+    images = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(3)]
+    cap = Captioner.load(archive[0])
+    cap.save_pretrained(str(tmp_path / "again"))
+    again = Captioner.from_pretrained(str(tmp_path / "again"))
+    assert again(images, beam_size=2, max_length=6) == cap(images, beam_size=2, max_length=6)
+    assert again.metadata == {"epoch": 3} and "# Image captioner" in (tmp_path / "again" / "README.md").read_text()
+
+
+def test_an_old_model_pt_converts_to_a_folder_that_captions_the_same(tmp_path):
+    from captioner import ids_to_text
+    old = os.path.join(FIXTURES, "legacy-model.pt")
+    result = subprocess.run([sys.executable, "captioner.py", "--checkpoint", old, "--convert",
+                             str(tmp_path / "m")], capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(FIXTURES, "legacy-expected.json")) as f:
+        expected = json.load(f)
+    model, tokenizer, description = load_model(str(tmp_path / "m"))
+    tokens = torch.tensor(expected["image_tokens"])
+    for beam, captions in expected["model_captions"].items():
+        assert ids_to_text(tokenizer, beam_search(model, tokens, int(beam), 8)[0]) == captions
+    assert description["metadata"]["val_bleu4"] == 0.25  # the old name, val_bleu4_coco, is read as today's
+
+
+def test_a_hub_id_loads_through_the_hub_client_and_offline_says_what_to_do(archive, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def from_the_cache(repo_id, allow_patterns=None, **kwargs):  # the Hub client, pointed at a local copy
+        calls.append((repo_id, tuple(allow_patterns)))
+        return archive[0]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", from_the_cache)
+    model, _, description = load_model("someone/captioner-coco")
+    assert calls[0][0] == "someone/captioner-coco" and "model.safetensors" in calls[0][1]
+    assert description["metadata"] == {"epoch": 3}
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network and nothing cached
+    monkeypatch.setenv("HF_HUB_CACHE", str(os.path.join(os.path.dirname(archive[0]), "empty-cache")))
+    with pytest.raises(ArchiveError, match="someone/captioner-coco: not downloaded yet, and the Hub cannot be "
+                                           "reached"):
+        load_model("someone/captioner-coco")

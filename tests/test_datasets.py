@@ -110,7 +110,7 @@ def test_each_layout_reads_and_trains(layout, small_decoder_dir, tiny_clip_dir, 
         assert train_items[0].captions == captions and os.path.isfile(train_items[0].path)
     run_train(train_argv(str(root), small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                          "--max-epochs", "1", "--no-download", "--val-share", "0.3", "--test-share", "0.2"))
-    assert os.path.isfile(tmp_path / "out" / "model.pt")
+    assert os.path.isdir(tmp_path / "out" / "model")
 
 
 def test_the_hash_split_keeps_old_images_where_they_were(tmp_path):
@@ -206,7 +206,7 @@ def test_a_split_without_references_is_captioned_but_not_scored(small_decoder_di
     run_train(train_argv(str(root), small_decoder_dir, tiny_clip_dir, tmp_path / "out", tmp_path / "cache",
                          "--max-epochs", "1"))
     result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
-                             str(tmp_path / "out" / "model.pt"), "--data-dir", str(root), "--split", "test",
+                             str(tmp_path / "out" / "model"), "--data-dir", str(root), "--split", "test",
                              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
                             capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -230,7 +230,7 @@ def model_path(tmp_path_factory, small_decoder_dir, tiny_clip_dir):
     folder = tmp_path_factory.mktemp("model")
     run_train(train_argv(write_dataset(folder / "data"), small_decoder_dir, tiny_clip_dir, folder / "out",
                          folder / "cache", "--max-epochs", "1"))
-    return str(folder / "out" / "model.pt")
+    return str(folder / "out" / "model")
 
 
 def photo_folder(root) -> list[str]:

@@ -12,7 +12,7 @@ def test_evaluate_writes_metrics_and_captions(small_decoder_dir, tiny_clip_dir, 
                                               capsys):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
-    checkpoint = tmp_path / "run" / "model.pt"
+    checkpoint = tmp_path / "run" / "model"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     args = evaluate.get_args_parser().parse_args([
         "--checkpoint", str(checkpoint), "--data-dir", tiny_dataset, "--split", "test",
@@ -56,7 +56,7 @@ def test_evaluate_without_java_reports_meteor_absent(small_decoder_dir, tiny_cli
                                                      capsys, monkeypatch):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
-    checkpoint = tmp_path / "run" / "model.pt"
+    checkpoint = tmp_path / "run" / "model"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *rest: None if name == "java" else which(name, *rest))
@@ -78,7 +78,7 @@ def test_evaluate_leaves_out_and_counts_unreadable_images(small_decoder_dir, tin
     monkeypatch.setattr(evaluate, "meteor_scorer", lambda: None)  # not under test here; saves its Java start
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
-    checkpoint = tmp_path / "run" / "model.pt"
+    checkpoint = tmp_path / "run" / "model"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     with open(f"{tiny_dataset}/images/000000000021.jpg", "wb") as f:  # a test image, cut short
         f.write(b"\xff\xd8\xff\xe0 truncated")

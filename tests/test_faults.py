@@ -67,9 +67,9 @@ def test_val_image_without_captions_is_left_out_and_the_epoch_is_kept(run, tiny_
     result = script("train.py", *run("--max-epochs", "1"))
     assert result.returncode == 0
     assert "1 val images have no caption and are left out (cocoids [16])" in result.stdout
-    assert os.path.isfile(tmp_path / "out" / "model.pt")
+    assert os.path.isdir(tmp_path / "out" / "model")
     assert os.path.isfile(tmp_path / "out" / "checkpoint.pt")
-    evaluated = script("evaluate.py", "--checkpoint", tmp_path / "out" / "model.pt",
+    evaluated = script("evaluate.py", "--checkpoint", tmp_path / "out" / "model",
                        "--data-dir", tiny_dataset, "--split", "val", "--cache-dir", tmp_path / "cache",
                        "--device", "cpu", "--num-workers", "0", "--gallery", "0")
     assert evaluated.returncode == 0
@@ -134,10 +134,10 @@ def test_one_bad_image_costs_the_cli_nothing_but_its_own_caption(small_decoder_d
                                                                   tiny_dataset, tmp_path):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
-    save_model(str(tmp_path / "model.pt"), model, tokenizer, backbone.preprocessing)
+    save_model(str(tmp_path / "model"), model, tokenizer, backbone.preprocessing)
     good = [os.path.join(tiny_dataset, "images", f"{i:012d}.jpg") for i in range(3)]
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
-    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4",
+    result = script("captioner.py", "--checkpoint", tmp_path / "model", "--max-length", "4",
                     "--batch-size", "2", good[0], tmp_path / "bad.jpg", good[1], good[2])
     assert result.returncode == 1
     # every line is path<TAB>caption
@@ -150,9 +150,9 @@ def test_the_cli_keeps_stdout_for_captions_with_efficientnet(small_decoder_dir, 
     pytest.importorskip("efficientnet_lite_pytorch")
     model, tokenizer = build_model(small_decoder_dir, "efficientnet-lite0", image_width=1280, image_grid=1)
     preprocessing = load_backbone("efficientnet-lite0").preprocessing
-    save_model(str(tmp_path / "model.pt"), model, tokenizer, preprocessing)
+    save_model(str(tmp_path / "model"), model, tokenizer, preprocessing)
     image = os.path.join(tiny_dataset, "images", "000000000000.jpg")
-    result = script("captioner.py", "--checkpoint", tmp_path / "model.pt", "--max-length", "4", image)
+    result = script("captioner.py", "--checkpoint", tmp_path / "model", "--max-length", "4", image)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{image}\t") and len(result.stdout.splitlines()) == 1
 
@@ -206,13 +206,14 @@ def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
 
 def test_a_small_file_asking_for_a_huge_model_is_rejected_cheaply(small_decoder_dir, tmp_path):
     model, tokenizer = build_model(small_decoder_dir, "test", image_width=4, image_grid=0)
-    save_model(str(tmp_path / "model.pt"), model, tokenizer, {"size": 32})
-    archive = torch.load(tmp_path / "model.pt", weights_only=True)
-    archive["config"]["decoder"].update(n_layer=200, n_embd=8192, n_head=64)  # ~160B parameters
-    torch.save(archive, tmp_path / "huge.pt")
+    save_model(str(tmp_path / "huge"), model, tokenizer, {"size": 32})
+    with open(tmp_path / "huge" / "config.json") as f:
+        description = json.load(f)
+    description["config"]["decoder"].update(n_layer=200, n_embd=8192, n_head=64)  # ~160B parameters
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(description))
     start = time.time()
-    with pytest.raises(ArchiveError, match="huge.pt: damaged model archive: .*do not fit its config"):
-        load_model(str(tmp_path / "huge.pt"))
+    with pytest.raises(ArchiveError, match="huge: damaged model archive: .*do not fit its config"):
+        load_model(str(tmp_path / "huge"))
     assert time.time() - start < 10  # building it for real would take an hour and 640 GB
 
 
@@ -246,7 +247,7 @@ def test_a_second_run_on_the_same_cache_waits_then_reuses_it(run, tiny_dataset, 
     assert second.returncode == 0, err
     assert f"waiting for process {os.getpid()}" in waiting
     assert "embedding train images" not in err  # reused what the first run built
-    assert os.path.isfile(tmp_path / "out" / "model.pt")
+    assert os.path.isdir(tmp_path / "out" / "model")
 
 
 # ---- signals, kills, disks ----
@@ -404,19 +405,26 @@ def test_kill_9_while_embedding_is_resumed_to_the_same_tokens(run, tiny_dataset,
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 
+@pytest.mark.parametrize("name", ["model", "model.pt"])  # today's folder, and an earlier release's file
 @pytest.mark.parametrize("flags", [["--overwrite"], ["--resume"], []])
-def test_scst_never_writes_over_the_model_it_starts_from(tmp_path, flags):
+def test_scst_never_writes_over_the_model_it_starts_from(tmp_path, flags, name):
     out = tmp_path / "run"
     out.mkdir()
-    start = out / "model.pt"
-    start.write_bytes(open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read())
+    start = out / name
+    if name == "model":
+        model, tokenizer, archive = load_model(os.path.join(FIXTURES, "legacy-model.pt"))
+        save_model(str(start), model, tokenizer, archive["preprocessing"], archive["metadata"])
+    else:
+        start.write_bytes(open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read())
+    before = {f: open(os.path.join(dirpath, f), "rb").read() for dirpath, _, files in os.walk(out) for f in files}
     os.symlink(out, tmp_path / "alias")  # the same folder under another name is caught too
     for out_dir in (out, tmp_path / "alias"):
         result = script("scst.py", "--checkpoint", start, "--out-dir", out_dir, "--device", "cpu", *flags)
         assert result.returncode == 2
-        assert "is where this run writes its own model.pt or checkpoint.pt" in result.stderr
-    assert start.read_bytes() == open(os.path.join(FIXTURES, "legacy-model.pt"), "rb").read()
-    assert sorted(os.listdir(out)) == ["model.pt"]
+        assert "is where this run writes its own model or checkpoint.pt" in result.stderr
+    assert before == {f: open(os.path.join(dirpath, f), "rb").read() for dirpath, _, files in os.walk(out)
+                      for f in files}
+    assert sorted(os.listdir(out)) == [name]
 
 
 def test_a_beam_that_cannot_fit_one_image_is_refused_with_the_figures(tmp_path):

@@ -109,7 +109,7 @@ def dataset_with_a_zip(root) -> str:
 def run_evaluate(data, small_decoder_dir, tiny_clip_dir, tmp_path, *extra):
     backbone = load_backbone(f"clip:{tiny_clip_dir}")
     model, tokenizer = build_model(small_decoder_dir, backbone.name, image_width=backbone.width, image_grid=1)
-    checkpoint = tmp_path / "run" / "model.pt"
+    checkpoint = tmp_path / "run" / "model"
     save_model(str(checkpoint), model, tokenizer, backbone.preprocessing)
     evaluate.main(evaluate.get_args_parser().parse_args([
         "--checkpoint", str(checkpoint), "--data-dir", data, "--split", "test", "--beam-size", "1", "2",

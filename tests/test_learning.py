@@ -31,7 +31,7 @@ def test_a_small_decoder_learns_to_caption_real_photographs(tmp_path):
                "--device", "cpu", "--cache-dir", cache, "--out-dir", str(tmp_path / "out"),
                "--log-interval", "40"])
 
-    model, tokenizer, _ = load_model(str(tmp_path / "out" / "model.pt"))
+    model, tokenizer, _ = load_model(str(tmp_path / "out" / "model"))
     items = data.read_split(COCO_MINI, "val")
     tokens, _ = data.cached_image_tokens(items, "val", "efficientnet-lite0", 3, cache)
     references = [item.captions for item in items]

@@ -12,7 +12,7 @@ from pycocoevalcap.cider.cider import Cider
 
 import scst
 import train
-from captioner import caption_logprobs, sample_captions
+from captioner import caption_logprobs, load_model, sample_captions
 from conftest import EOS, VOCAB, image_tokens, read_log, run_train, tiny_model, train_argv
 from data import read_split
 from evaluate import coco_tokenize
@@ -146,7 +146,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
                          "--max-epochs", "1"))
 
     def argv(out, *extra):  # 16 images in windows of 3 x 2: 3 optimizer steps per epoch (6 + 6 + 4 images)
-        return ["--checkpoint", str(tmp_path / "ce" / "model.pt"), "--data-dir", tiny_dataset,
+        return ["--checkpoint", str(tmp_path / "ce" / "model"), "--data-dir", tiny_dataset,
                 "--cache-dir", str(cache), "--out-dir", str(tmp_path / out), "--batch-size", "3",
                 "--accumulate-grad-batches", "2", "--samples-per-image", "3", "--max-epochs", "2",
                 "--lr", "1e-2", "--max-length", "8",
@@ -160,9 +160,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     assert modes and not any(modes)
     run_scst(argv("b", "--stop-after-steps", "2"))  # inside the first epoch
     run_scst(argv("b", "--resume", "--stop-after-steps", "2"))  # inside the second
-    os.rename(tmp_path / "ce" / "model.pt", tmp_path / "ce" / "moved.pt")  # --resume needs checkpoint.pt only
+    os.rename(tmp_path / "ce" / "model", tmp_path / "ce" / "moved")  # --resume needs checkpoint.pt only
     run_scst(argv("b", "--resume"))
-    os.rename(tmp_path / "ce" / "moved.pt", tmp_path / "ce" / "model.pt")
+    os.rename(tmp_path / "ce" / "moved", tmp_path / "ce" / "model")
 
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     train_a = [(r["step"], r["loss"], r["reward"]) for r in log_a if r["type"] == "train"]
@@ -178,9 +178,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     for name, tensor in final_a["model"].items():
         torch.testing.assert_close(final_b["model"][name], tensor, rtol=1e-6, atol=1e-7)
     assert final_a["state"] == final_b["state"]
-    start = safe_torch_load(str(tmp_path / "ce" / "model.pt"))
+    start = load_model(str(tmp_path / "ce" / "model"))[2]
     assert any(not torch.equal(start["state_dict"][k], v) for k, v in final_a["model"].items())
-    model_pt = safe_torch_load(str(tmp_path / "a" / "model.pt"))
+    model_pt = load_model(str(tmp_path / "a" / "model"))[2]
     assert model_pt["preprocessing"] == start["preprocessing"]
     assert model_pt["metadata"]["embedding_precision"] == start["metadata"]["embedding_precision"]
     # the paper's baseline, the greedy caption's reward, runs through the same loop

@@ -9,7 +9,7 @@ import torch
 
 import train
 import data
-from captioner import CaptionModel, build_model
+from captioner import CaptionModel, build_model, load_model
 from support.files import safe_torch_load
 from support.processes import Processes
 from conftest import read_log, run_train, train_argv
@@ -42,7 +42,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_dataset, small_decoder_dir, tin
     for name, tensor in final_a["model"].items():
         torch.testing.assert_close(final_b["model"][name], tensor, rtol=1e-6, atol=1e-7)
     assert final_a["state"] == final_b["state"]
-    assert os.path.isfile(tmp_path / "a" / "model.pt")
+    assert os.path.isdir(tmp_path / "a" / "model")
 
 
 def test_a_run_is_never_silently_overwritten(tiny_dataset, small_decoder_dir, tiny_clip_dir, tmp_path):
@@ -292,7 +292,7 @@ def test_cider_d_can_pick_the_best_epoch(tiny_dataset, small_decoder_dir, tiny_c
                          "--select-by", "cider_d", "--max-epochs", "3"))
     epochs = [r for r in read_log(tmp_path / "out") if r["type"] == "epoch"]
     kept = max(epochs, key=lambda r: (r["val_cider_d"], -r["val_loss"]))
-    metadata = safe_torch_load(str(tmp_path / "out" / "model.pt"))["metadata"]
+    metadata = load_model(str(tmp_path / "out" / "model"))[2]["metadata"]
     assert metadata["epoch"] == kept["epoch"] and metadata["val_cider_d"] == kept["val_cider_d"]
     assert [r["best"] for r in epochs].count(True) >= 1
 

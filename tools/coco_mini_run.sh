@@ -25,11 +25,11 @@ python train.py "${common[@]}" --max-epochs "$epochs" "${original[@]}" --out-dir
 python train.py "${common[@]}" --max-epochs $((epochs * 5)) "${original[@]}" --out-dir "$runs/original-steps"
 python train.py "${common[@]}" --max-epochs "$epochs" --image-grid 3 --lr-schedule constant --out-dir "$runs/ours-constant-lr"
 for run in ours ours-grid0; do
-    python evaluate.py --checkpoint "$runs/$run/model.pt" --data-dir "$data" --split val --beam-size 1 2 3 4 \
+    python evaluate.py --checkpoint "$runs/$run/model" --data-dir "$data" --split val --beam-size 1 2 3 4 \
         --cache-dir "$runs/cache" --out-dir "$runs/$run/val"
 done
 for run in ours ours-grid0 original original-steps ours-constant-lr; do
-    python evaluate.py --checkpoint "$runs/$run/model.pt" --data-dir "$data" --split test --beam-size 1 2 3 4 \
+    python evaluate.py --checkpoint "$runs/$run/model" --data-dir "$data" --split test --beam-size 1 2 3 4 \
         --cache-dir "$runs/cache"
 done
 

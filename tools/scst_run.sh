@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Self-critical fine-tuning on ../shared/coco-mini, offline, on a CPU (issue 11):
 #   ce          the cross-entropy model: EfficientNet-Lite0, a 4-layer 256-wide GPT-2, 6 epochs;
-#   scst-*      SCST from ce/model.pt, judged on val only (each run's best epoch by val CIDEr-D);
+#   scst-*      SCST from ce/model, judged on val only (each run's best epoch by val CIDEr-D);
 #   ce-control* ce resumed for more epochs, at least the wall-clock time SCST took (train.py --resume
 #               --max-epochs N recomputes the cosine schedule for N epochs: the LR climbs back up, then decays);
 # then every model on the test split (reporting only), greedy and beam 3, and the share of captions that
@@ -23,14 +23,14 @@ ce=(--data-dir "$data" --vision-backbone efficientnet-lite0 --language-model "$r
 timed() { /usr/bin/time -f "%e s wall-clock, %U s user + %S s system CPU: $*" "$@"; }
 
 # 1. the cross-entropy model
-[ -f "$runs/ce/model.pt" ] || timed python train.py "${ce[@]}" --max-epochs 6 --out-dir "$runs/ce"
+[ -d "$runs/ce/model" ] || timed python train.py "${ce[@]}" --max-epochs 6 --out-dir "$runs/ce"
 
 # 2. SCST from it, 32 images per step, at K samples per image, a constant LR of 1e-4 unless said; a run whose
 #    folder exists is kept (scst.py --resume continues an interrupted one)
 scst() {
     local name=$1
     shift
-    [ -d "$runs/$name" ] || timed python scst.py --checkpoint "$runs/ce/model.pt" --data-dir "$data" \
+    [ -d "$runs/$name" ] || timed python scst.py --checkpoint "$runs/ce/model" --data-dir "$data" \
         --cache-dir "$cache" --device cpu --precision 32 --batch-size 32 --log-interval 10 "$@" \
         --out-dir "$runs/$name"
 }
@@ -49,7 +49,7 @@ done
 # 2b. the val split at beams 1 and 3, every metric. The choice: the best val CIDEr-D (greedy) among the runs
 #     whose val BLEU-4 at beams 1 and 3 is not below the cross-entropy model's; if none, the best val CIDEr-D
 for run in ce scst-k10-lr1e-4-nodrop scst-k20-lr1e-4 scst-k20-lr1e-4-bleu1; do
-    [ -f "$runs/$run/val/metrics.json" ] || python evaluate.py --checkpoint "$runs/$run/model.pt" \
+    [ -f "$runs/$run/val/metrics.json" ] || python evaluate.py --checkpoint "$runs/$run/model" \
         --data-dir "$data" --split val --beam-size 1 3 --cache-dir "$cache" --gallery 0 --out-dir "$runs/$run/val"
 done
 
@@ -66,7 +66,7 @@ done
 
 # 4. the test split
 for run in ce scst-k10-lr1e-4-nodrop scst-k20-lr1e-4 "scst-$chosen" ce-control ce-control-15; do
-    [ -f "$runs/$run/test/metrics.json" ] || python evaluate.py --checkpoint "$runs/$run/model.pt" \
+    [ -f "$runs/$run/test/metrics.json" ] || python evaluate.py --checkpoint "$runs/$run/model" \
         --data-dir "$data" --split test --beam-size 1 3 --cache-dir "$cache" --gallery 0 --out-dir "$runs/$run/test"
 done
 
