@@ -26,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support.backbones import VisionBackbone, load_backbone
-from support.caption_files import caption_files
+from support.caption_files import caption_files, print_captions
 from support.files import ArchiveError, cpu_state_dict, tokenizer_from_data
 from support.model_folder import locate, read_model_archive, read_model_folder, write_model_folder
 from support.images import load_image
 from support.processes import autocast, default_device, embedding_precision, free_memory
+from support.serve import serve
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the caption model ----
@@ -527,14 +528,17 @@ def get_args_parser():
                         help="write path and caption per image to this file as it goes, JSON lines or CSV by "
                              "its extension; a rerun skips what it holds (default with a folder: "
                              "captions.jsonl; without: print them)")
+    parser.add_argument("--serve", action="store_true", help="serve a page to caption photos in a browser")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve's address (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="--serve's port (0: any free one)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image reading workers for --output (default: CPU cores, at most 8)")
     return parser
 
 
 def main(args):
-    if min(args.beam_size, args.max_length, args.batch_size, args.num_workers + 1) < 1 or not (args.images or
-                                                                                            args.convert):
+    if min(args.beam_size, args.max_length, args.batch_size, args.num_workers + 1) < 1 or not (
+            args.images or args.convert or args.serve):
         raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1; name images")
     device = args.device or default_device()
     model, tokenizer, archive = load_model(args.checkpoint)
@@ -544,27 +548,18 @@ def main(args):
     model.check_max_length(args.max_length)  # both before loading the backbone or reading an image
     images_per_batch(model, args.beam_size, args.max_length, 1, device)
     captioner = Captioner.around(model, tokenizer, archive, args.checkpoint).to(device)
+
+    def caption_images(images, beam_size=args.beam_size):
+        return captioner(images, beam_size, args.max_length, args.length_penalty)
+    if args.serve:  # a page to try it on, one photo at a time
+        return serve(lambda upload, beam: caption_images(load_image(upload), beam), args.host, args.port)
     if args.output or any(os.path.isdir(path) for path in args.images):  # into a file, resumably
         return caption_files(args.images, args.output or "captions.jsonl", captioner.backbone.preprocessing,
                              lambda pixels: captioner.caption_tokens(captioner.encode_pixels(pixels),
                                                                      args.beam_size, args.max_length,
                                                                      args.length_penalty),
                              args.batch_size, args.num_workers)
-    unreadable = 0
-    for start in range(0, len(args.images), args.batch_size):
-        paths, images = [], []
-        for path in args.images[start:start + args.batch_size]:
-            try:  # one bad file must not cost the others their captions
-                images.append(load_image(path))
-                paths.append(path)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                unreadable += 1
-        captions = captioner(images, args.beam_size, args.max_length, args.length_penalty) if images else []
-        for path, caption in zip(paths, captions):
-            print(f"{path}\t{caption}", flush=True)
-    if unreadable:
-        raise SystemExit(f"error: {unreadable} of {len(args.images)} images could not be read")
+    print_captions(args.images, caption_images, args.batch_size)  # path<TAB>caption on stdout
 
 
 if __name__ == "__main__":

@@ -271,8 +271,7 @@ def fine_tune(args, processes: Processes):
     if splits["train"]["preprocessing"] != start["preprocessing"]:
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{splits['train']['preprocessing']}, the model with {start['preprocessing']}")
-    # No seeding: nothing draws random numbers but the sampler (no dropout), whose generator is a pure
-    # function of the seed, the step and the process
+    # No seeding: nothing draws random numbers but the sampler, a pure function of seed, step and process
     if args.max_length > model.decoder.config.n_positions:
         raise SystemExit(f"error: the decoder reads at most {model.decoder.config.n_positions} tokens; lower "
                          f"--max-length ({args.max_length})")
@@ -319,8 +318,7 @@ def fine_tune(args, processes: Processes):
 def get_args_parser():
     parser = argparse.ArgumentParser("Fine-tune a caption model with self-critical sequence training")
     add = parser.add_argument
-    add("--checkpoint", default="out/model",
-        help="the model to start from: train.py's OUT/model folder, a Hub id, or an earlier release's model.pt")
+    add("--checkpoint", default="out/model", help="the model to start from (train.py's OUT/model, a Hub id)")
     add("--samples-per-image", type=int, default=20,
         help="captions sampled per image and step (K); on coco-mini's val split 20 beat 10, which beat 5: "
              "less variance in the gradient")
@@ -352,9 +350,8 @@ def check_args(args, parser):
     check_shared_args(args, parser)
     args.checkpoint = os.path.abspath(args.checkpoint)
     # the model this run starts from must outlive it: refuse to write over it (or delete it, --overwrite)
-    targets = {os.path.realpath(os.path.join(args.out_dir, name))
-               for name in ("model", "model.pt", "checkpoint.pt")}
-    if os.path.realpath(args.checkpoint) in targets:
+    if os.path.realpath(args.checkpoint) in {os.path.realpath(os.path.join(args.out_dir, name)) for name in
+                                             ("model", "model.pt", "checkpoint.pt")}:
         parser.error(f"--checkpoint {args.checkpoint} is where this run writes its own model or "
                      f"checkpoint.pt (--out-dir {args.out_dir}); choose another --out-dir")
 

@@ -18,7 +18,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from support.images import ImageFiles, ImageSource, one_thread
+from support.images import ImageFiles, ImageSource, load_image, one_thread
 
 CSV_COLUMNS = ("file", "caption", "error")
 
@@ -110,3 +110,22 @@ def caption_files(paths: list[str], output: str, preprocessing: dict, caption_pi
           + (f"; {len(not_images)} files are not readable images (their rows hold the error), e.g. "
              f"{not_images[0][0]}: {not_images[0][1]}" if not_images else ""), file=sys.stderr)
     return {"captioned": captioned, "skipped": len(candidates) - len(todo), "not_images": not_images}
+
+
+def print_captions(paths: list[str], caption_images, batch_size: int):
+    """A few files: path<TAB>caption on stdout, batch by batch; caption_images(PIL images) -> captions. A file
+    that cannot be read is named on stderr and costs the others nothing; then the exit status is 1."""
+    unreadable = 0
+    for start in range(0, len(paths), batch_size):
+        readable, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(load_image(path))
+                readable.append(path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                unreadable += 1
+        for path, caption in zip(readable, caption_images(images) if images else []):
+            print(f"{path}\t{caption}", flush=True)
+    if unreadable:
+        raise SystemExit(f"error: {unreadable} of {len(paths)} images could not be read")

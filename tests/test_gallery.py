@@ -1,12 +1,10 @@
-"""gallery.html: self-contained (a moved copy shows every thumbnail in a real browser, with nothing fetched),
-no scripts, tabs that work without them, text escaped, and an unreadable picture shown as a placeholder."""
+"""gallery.html: self-contained (a moved copy shows every thumbnail in a real browser, Chromium driven by
+Playwright, with nothing fetched), no scripts, tabs that work without them, text escaped, and an unreadable
+picture shown as a placeholder."""
 import json
 import os
 import re
-import select
 import shutil
-import subprocess
-import time
 import zipfile
 from html.parser import HTMLParser
 
@@ -19,74 +17,6 @@ from support.images import ImageSource
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
-
-
-class Browser:
-    """Headless Chromium driven through the DevTools protocol on --remote-debugging-pipe (fd 3: commands in,
-    fd 4: replies and events out, each a JSON text ended by NUL), with the standard library only."""
-
-    def __init__(self, profile: str):
-        to_chrome, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome = os.pipe()
-
-        def pipes_at_3_and_4():
-            os.dup2(to_chrome, 3)
-            os.dup2(from_chrome, 4)
-
-        # no network: every host name fails to resolve, and nothing runs in the background
-        self.process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}",
-             "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=pipes_at_3_and_4, pass_fds=(3, 4))
-        os.close(to_chrome)
-        os.close(from_chrome)
-        self._buffer, self._next_id, self.events = b"", 0, []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-
-    def _message(self, deadline: float) -> dict:
-        while b"\0" not in self._buffer:
-            if not select.select([self._from_chrome], [], [], max(0.0, deadline - time.time()))[0]:
-                raise TimeoutError("chromium did not answer")
-            chunk = os.read(self._from_chrome, 1 << 20)
-            if not chunk:
-                raise RuntimeError("chromium closed its pipe")
-            self._buffer += chunk
-        message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)
-
-    def call(self, method: str, session: str | None = None, timeout: float = 30, **params) -> dict:
-        self._next_id += 1
-        command = {"id": self._next_id, "method": method, "params": params}
-        if session:
-            command["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(command).encode() + b"\0")
-        deadline = time.time() + timeout
-        while True:
-            message = self._message(deadline)
-            if message.get("id") == self._next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-            self.events.append(message)
-
-    def wait_for(self, event: str, timeout: float = 30):
-        deadline = time.time() + timeout
-        while not any(e.get("method") == event for e in self.events):
-            self.events.append(self._message(deadline))
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
-        return result["result"].get("value")  # undefined has none
-
-    def close(self):
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
-        self.process.kill()
-        self.process.wait()
 
 
 def dataset_with_a_zip(root) -> str:
@@ -154,24 +84,21 @@ def test_a_moved_gallery_shows_every_thumbnail_in_a_browser(small_decoder_dir, t
     assert_self_contained(page)
     assert page.count("<img ") == 9  # three views of three images
 
-    browser = Browser(str(tmp_path / "profile"))
-    try:
-        browser.call("Network.enable", browser.session)
-        browser.call("Page.enable", browser.session)
-        browser.call("Page.navigate", browser.session, url=(moved / "gallery.html").as_uri())
-        browser.wait_for("Page.loadEventFired")
-        images = browser.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, "
-                                  "i.naturalHeight, i.closest('section').id])")
-        cards = browser.evaluate("document.querySelectorAll('.card').length")
-        missing = browser.evaluate("document.querySelectorAll('.missing').length")
-        shown = browser.evaluate("Array.from(document.querySelectorAll('section')).map(s => "
-                                 "getComputedStyle(s).display)")
-        browser.evaluate("document.querySelector('label[for=worst]').click()")  # the tabs need no script
-        shown_after_click = browser.evaluate("Array.from(document.querySelectorAll('section')).map(s => "
-                                             "getComputedStyle(s).display)")
-        requested = [e["params"]["request"]["url"] for e in browser.events
-                     if e.get("method") == "Network.requestWillBeSent"]
-    finally:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:  # the system Chromium: no browser download
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        requested = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto((moved / "gallery.html").as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, "
+                               "i.naturalHeight, i.closest('section').id])")
+        cards = page.locator(".card").count()
+        missing = page.locator(".missing").count()
+        displays = "Array.from(document.querySelectorAll('section')).map(s => getComputedStyle(s).display)"
+        shown = page.evaluate(displays)
+        page.click("label[for=worst]")  # the tabs need no script
+        shown_after_click = page.evaluate(displays)
         browser.close()
     assert len(images) == 9 and cards == 9 and missing == 0
     for complete, width, height, section in images:  # thumbnails from files and from the zip alike
