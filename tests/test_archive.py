@@ -233,7 +233,8 @@ def test_an_old_model_pt_converts_to_a_folder_that_captions_the_same(tmp_path):
     from captioner import ids_to_text
     old = os.path.join(FIXTURES, "legacy-model.pt")
     result = subprocess.run([sys.executable, "captioner.py", "--checkpoint", old, "--convert",
-                             str(tmp_path / "m")], capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             str(tmp_path / "m")], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     with open(os.path.join(FIXTURES, "legacy-expected.json")) as f:
         expected = json.load(f)
