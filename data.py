@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from captioner import image_tokens
 from support.backbones import load_backbone
 from support.coco_download import DownloadError, prepare_coco  # noqa: F401  (DownloadError: for train.py)
-from support.datasets import DatasetError, is_other_dataset, read_dataset  # noqa: F401 (for the scripts)
+from support.datasets import DatasetError, is_coco_folder, read_dataset  # noqa: F401 (for the scripts)
 from support.embedding_cache import default_cache_dir, drop_unreadable, load_or_build_cache  # noqa: F401
 from support.images import ImageSource
 from support.processes import Processes, autocast, embedding_precision
@@ -227,7 +227,7 @@ def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_wor
     """-> {"train": ..., "val": ...}: each split's readable images ("items"), their cached image tokens
     ("tokens") and the backbone's "preprocessing", for train.py and scst.py. With download, rank 0 fetches
     what data_dir lacks of COCO first."""
-    if download and processes.is_main and not is_other_dataset(data_dir):
+    if download and processes.is_main and is_coco_folder(data_dir):
         # what data_dir lacks of COCO; torchrun stops the other processes if this fails
         prepare_coco(data_dir)
     processes.barrier()

@@ -44,11 +44,15 @@ def read_dataset(data_dir: str, val_share: float = 0.05, test_share: float = 0.0
     return read_imagefolder(data_dir, val_share, test_share)
 
 
-def is_other_dataset(data_dir: str) -> bool:
-    """Whether data_dir holds a dataset that is not COCO's (whose missing files may be downloaded)."""
-    places = [data_dir] + [os.path.join(data_dir, folder) for folder in SPLIT_FOLDERS]
-    return any(os.path.isfile(os.path.join(data_dir, name)) for name in KARPATHY_FILES[1:]) or \
-        any(os.path.isfile(os.path.join(place, name)) for place in places for name in METADATA_FILES)
+COCO_FILES = {"dataset_coco.json", "caption_datasets.zip", "train2014", "train2014.zip", "val2014", "val2014.zip"}
+
+
+def is_coco_folder(data_dir: str) -> bool:
+    """Whether data_dir may receive COCO's downloads: absent, empty, or holding only COCO's files (a folder
+    with anything else is someone's own dataset, which a download must not fill with 20 GB)."""
+    if not os.path.isdir(data_dir):
+        return True
+    return all(name.removesuffix(".part") in COCO_FILES or name.startswith(".") for name in os.listdir(data_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -296,3 +296,15 @@ def test_a_killed_folder_run_resumes_and_writes_each_image_once(model_path, tmp_
     assert "8 of 16 files were done before" in again.stderr
     rows = read_rows(output)
     assert len(rows) == len({row["file"] for row in rows}) == len(names) + 4
+
+
+def test_a_folder_with_its_own_data_never_receives_coco_downloads(tmp_path, monkeypatch):
+    import support.coco_download
+    from support.processes import Processes
+    monkeypatch.setattr(support.coco_download, "download_file", lambda *a, **k: pytest.fail("a download"))
+    no_split(tmp_path)
+    os.rename(tmp_path / "metadata.jsonl", tmp_path / "metadata.json")  # misspelt: not a dataset yet
+    with pytest.raises(ValueError, match="metadata.json: not a name the imagefolder layout reads"):
+        data.training_splits(str(tmp_path), "efficientnet-lite0", 1, str(tmp_path / "cache"), "32", 0,
+                             Processes(), download=True)
+    assert data.is_coco_folder(str(tmp_path / "absent")) and not data.is_coco_folder(str(tmp_path))
