@@ -129,7 +129,7 @@ def get_args_parser():
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding workers for embedding (default: CPU cores, at most 8)")
     parser.add_argument("--out-dir", default=None, help="where metrics.json, captions.jsonl and gallery.html "
-                                                        "go (default: the checkpoint's folder)")
+                                                        "go (default: beside the model; here for a Hub id)")
     parser.add_argument("--gallery", type=int, default=36,
                         help="images per view (best, worst, random) in gallery.html; 0: no gallery")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -171,7 +171,8 @@ def main(args):
         raise SystemExit("error: --beam-size, --max-length and --batch-size must be at least 1, "
                          "--gallery at least 0")
     device = args.device or default_device()
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint))  # a Hub id: here
+                               if os.path.exists(args.checkpoint) else ".")
     check_writable(out_dir, "--out-dir")  # now, not after decoding every beam size
     model, tokenizer, archive = load_model(args.checkpoint)
     model.to(device).eval()
