@@ -9,6 +9,7 @@ every file already there: a file is written exactly once. Files that are not ima
 are counted and listed at the end, and never stop the run.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from support.files import LockedError, file_lock
 from support.images import ImageFiles, ImageSource, load_image, one_thread
 
 CSV_COLUMNS = ("file", "caption", "error")
@@ -44,24 +46,33 @@ class CaptionsFile:
         self.path, self.csv = path, path.lower().endswith(".csv")
         self.done = set()
         if os.path.exists(path):
-            self._drop_torn_line()
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = csv.DictReader(f) if self.csv else (json.loads(line) for line in f if line.strip())
-                try:
-                    self.done = {row["file"] for row in rows}
-                except (json.JSONDecodeError, KeyError, TypeError, csv.Error) as e:
-                    raise ValueError(f"{path}: not a captions file this program wrote ({type(e).__name__}: "
-                                     f"{e}); choose another --output") from None
+            self.done = self._read_done()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8", newline="")
+        # file names are written back byte for byte, even those that are not valid UTF-8 (surrogateescape)
+        self.file = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
         if self.csv and self.file.tell() == 0:
             self.file.write(",".join(CSV_COLUMNS) + "\r\n")
 
-    def _drop_torn_line(self):
-        with open(self.path, "rb+") as f:
+    def _read_done(self) -> set:
+        """The files already in the output. Only a captions file is touched: its last line, cut short by a
+        kill, is dropped; anything else is refused before a byte of it changes."""
+        with open(self.path, "rb") as f:
             data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        complete = data[:data.rfind(b"\n") + 1]
+        try:
+            text = complete.decode("utf-8", "surrogateescape")
+            rows = list(csv.DictReader(io.StringIO(text, newline=""))) if self.csv else \
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+            if self.csv and text and text.splitlines()[0].split(",") != list(CSV_COLUMNS) or \
+                    not all(isinstance(row, dict) and isinstance(row.get("file"), str) for row in rows):
+                raise ValueError("rows without a file")
+        except (ValueError, csv.Error) as e:
+            raise ValueError(f"{self.path}: not a captions file this program wrote ({e}); choose another "
+                             f"--output") from None
+        if len(complete) < len(data):
+            with open(self.path, "rb+") as f:
+                f.truncate(len(complete))
+        return {row["file"] for row in rows}
 
     def write(self, rows: list[dict]):
         """Append rows, then flush them to disk: after this, a kill loses none of them."""
@@ -83,7 +94,18 @@ def caption_files(paths: list[str], output: str, preprocessing: dict, caption_pi
                   num_workers: int = 2) -> dict:
     """Caption every image among `paths` (files and folders) into `output`; caption_pixels(pixels (b, 3, S,
     S)) -> b captions. -> {"captioned", "skipped" (done before), "not_images": [(file, error)]}."""
-    candidates = image_candidates(paths)
+    held = contextlib.ExitStack()  # one run per output file; only taking the lock is caught below
+    try:
+        held.enter_context(file_lock(os.path.abspath(output) + ".lock", output, wait=False))
+    except LockedError as e:
+        raise ValueError(f"{e}; wait for it to finish or choose another --output") from None
+    with held:
+        return _caption_files(paths, output, preprocessing, caption_pixels, batch_size, num_workers)
+
+
+def _caption_files(paths, output, preprocessing, caption_pixels, batch_size, num_workers) -> dict:
+    candidates = [path for path in image_candidates(paths)
+                  if os.path.abspath(path) not in (os.path.abspath(output), os.path.abspath(output) + ".lock")]
     out = CaptionsFile(output)
     todo = [path for path in candidates if path not in out.done]
     if len(todo) < len(candidates):

@@ -72,11 +72,13 @@ def read_karpathy_file(data_dir: str, names: list[str]) -> tuple[list, str]:
     for i, image in enumerate(images):
         try:
             folder = image["filepath"] if "filepath" in image else None
+            captions = [s["raw"] for s in image["sentences"]]
+            if not all(isinstance(c, str) for c in captions):
+                raise TypeError("'raw': a caption that is not a string")
             records.append({"split": image["split"], "folder": folder, "filename": image["filename"],
-                            "id": image.get("cocoid", image.get("imgid", i)),
-                            "captions": [s["raw"] for s in image["sentences"]],
+                            "id": image.get("cocoid", image.get("imgid", i)), "captions": captions,
                             "listed_in": f"{path}: images[{i}]"})
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise DatasetError(f"{path}: images[{i}] is malformed (missing or wrong {e})") from None
     if any(r["folder"] is None for r in records):  # Flickr's files: the images beside it, or in one subfolder
         folder = _flickr_image_folder(data_dir, [r["filename"] for r in records if r["folder"] is None], path)
@@ -179,7 +181,12 @@ def _rows(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if path.endswith(".csv"):
-                return list(csv.DictReader(f))
+                rows = list(csv.DictReader(f))
+                extra = next((k for k, row in enumerate(rows) if None in row), None)
+                if extra is not None:
+                    raise DatasetError(f"{path}: row {extra + 1} has more fields than the header (a caption with "
+                                       f"a comma needs quotes)")
+                return rows
             rows = [json.loads(line) for line in f if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: not readable as {os.path.basename(path)} ({type(e).__name__}: {e})") from None
@@ -212,13 +219,19 @@ def _metadata_records(path: str, split: str | None) -> list:
         record_split = SPLIT_NAMES.get(str(row.get("split", "")).lower()) if split is None else split
         if split is None and row.get("split") not in (None, "") and record_split is None:
             raise DatasetError(f"{where}: split {row['split']!r} is not one of {sorted(SPLIT_NAMES)}")
+        if name in by_file and by_file[name]["split"] != record_split:
+            raise DatasetError(f"{where}: {name!r} is in split {record_split!r} here and "
+                               f"{by_file[name]['split']!r} in {by_file[name]['listed_in'].split(': ')[-1]}")
         record = by_file.setdefault(name, {
             "split": record_split, "folder": os.path.relpath(os.path.join(folder, os.path.dirname(name)),
                                                              _dataset_root(path, split)),
             "filename": os.path.basename(name), "id": row.get("id", row.get("image_id", name)), "captions": [],
             "listed_in": where})
         for column in CAPTION_COLUMNS:  # rows may differ in which one they use
-            record["captions"] += _captions(row.get(column), where)
+            record["captions"] += _captions(row.get(column), where, path.endswith(".csv"))
+    unsplit = [r for r in by_file.values() if r["split"] is None]
+    if split is None and 0 < len(unsplit) < len(by_file):  # a split column with holes: say so, drop nothing
+        raise DatasetError(f"{unsplit[0]['listed_in']}: no split, where other rows have one")
     if missing:
         raise DatasetError(f"{path}: {len(missing)} file_name{'s' if len(missing) > 1 else ''} with no such "
                            f"file in {folder} (first: {missing[0]!r})")
@@ -230,8 +243,8 @@ def _dataset_root(path: str, split: str | None) -> str:
     return os.path.dirname(folder) if split is not None else folder
 
 
-def _captions(value, where: str) -> list[str]:
-    if isinstance(value, str) and value.startswith("[") and where.split(":")[0].endswith(".csv"):
+def _captions(value, where: str, from_csv: bool) -> list[str]:
+    if isinstance(value, str) and value.startswith("[") and from_csv:
         try:  # a CSV cell holding a JSON list
             value = json.loads(value)
         except json.JSONDecodeError:

@@ -25,7 +25,11 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 def write_model_folder(folder: str, config: dict, state_dict: dict, tokenizer, preprocessing: dict,
                        metadata: dict):
-    """Write the folder whole, then put it in place: a crash leaves the old folder or the new one."""
+    """Write the folder whole, then put it in place: a crash leaves the old folder or the new one. Only a
+    model folder (or an empty or absent one) is replaced: anything else is refused, never deleted."""
+    if os.path.isdir(folder) and os.listdir(folder) and not _is_model_folder(folder):
+        raise ArchiveError(f"{folder}: not a model folder this program wrote; refusing to replace what it holds "
+                           f"({', '.join(sorted(os.listdir(folder))[:4])}); choose another folder")
     state, tied, seen = {}, {}, {}
     for key, tensor in state_dict.items():
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
@@ -54,6 +58,15 @@ def write_model_folder(folder: str, config: dict, state_dict: dict, tokenizer, p
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _is_model_folder(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            description = json.load(f)
+        return isinstance(description, dict) and description.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def replace_folder(new: str, folder: str):
@@ -122,16 +135,20 @@ def read_model_folder(folder: str) -> dict:
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             description = json.load(f)
+        if not isinstance(description, dict):
+            raise ValueError("config.json is not an object")
         if description.get("format") != FORMAT or description.get("version") != VERSION:
             raise ValueError(f"format {description.get('format')!r} version {description.get('version')!r}, "
                              f"not {FORMAT!r} version {VERSION}")
+        if not all(isinstance(description.get(k), dict) for k in ("config", "preprocessing", "metadata", "tied")):
+            raise ValueError("config.json lacks config, preprocessing, metadata or tied")
         from safetensors.torch import load_file
         state = load_file(os.path.join(folder, "model.safetensors"))
         for key, source in description["tied"].items():
             state[key] = state[source]
         with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
             tokenizer = {"json": f.read(), "eos_token": description["eos_token"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:  # safetensors' errors are ValueErrors too
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # safetensors' are ValueErrors
         raise ArchiveError(f"{folder}: damaged model folder: {type(e).__name__}: {str(e)[:300]}") from None
     return {**description, "state_dict": state, "tokenizer": tokenizer}
 

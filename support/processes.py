@@ -167,16 +167,19 @@ def free_memory(device) -> int:
     memory (MemAvailable), lowered to what a cgroup limit (a container) or an address-space limit (ulimit -v)
     leaves this process."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # PyTorch's cache of freed blocks counts as used for the driver, not for us
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     limits = []
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
         limits.append(int(info["MemAvailable"].split()[0]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limits.append(int(f.read()) - int(g.read()))  # "max" (no limit) fails int() and is skipped
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g, \
+                open("/sys/fs/cgroup/memory.stat") as h:
+            stat = dict(line.split() for line in h)  # the page cache it could drop counts as free
+            limits.append(int(f.read()) - int(g.read()) + int(stat["inactive_file"]))  # "max" fails int()
     with contextlib.suppress(OSError, ValueError, KeyError):
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:

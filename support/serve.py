@@ -26,6 +26,8 @@ import urllib.parse
 
 MAX_UPLOAD_BYTES = 20 << 20  # a 20 MB photo; a phone's largest JPEGs are about 12 MB
 MAX_BEAM = 8
+MAX_PARTS = 8
+UPLOADS_AT_ONCE = 4  # bodies read and parsed at the same time: each can take a few times its size in memory
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 
 
@@ -40,6 +42,8 @@ def image_from_multipart(content_type: str, body: bytes) -> tuple[io.BytesIO, in
     multipart/form-data body."""
     if not content_type.startswith("multipart/form-data") or "boundary=" not in content_type:
         raise RequestError(400, "expected multipart/form-data with a boundary")
+    if body.count(b"\n--") > MAX_PARTS:  # before parsing: 100,000 tiny parts cost the parser seconds
+        raise RequestError(400, f"more than {MAX_PARTS} parts")
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     if not message.is_multipart() or message.defects:
@@ -49,7 +53,8 @@ def image_from_multipart(content_type: str, body: bytes) -> tuple[io.BytesIO, in
         raise RequestError(400, "no file field named 'image'")
     data = io.BytesIO(fields["image"].get_payload(decode=True) or b"")
     data.name = fields["image"].get_filename() or "image"
-    beam = fields["beam"].get_content().strip() if "beam" in fields else "1"
+    beam = (fields["beam"].get_payload(decode=True) or b"").decode("ascii", "replace").strip() \
+        if "beam" in fields else "1"
     if not beam.isdigit() or not 1 <= int(beam) <= MAX_BEAM:
         raise RequestError(400, f"beam must be a whole number from 1 to {MAX_BEAM}")
     return data, int(beam)
@@ -82,17 +87,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(411, {"error": "a Content-Length is needed"})
         if not 0 < length <= MAX_UPLOAD_BYTES:
             self.close_connection = True  # the unread body must not be taken for the next request
-            return self.reply(413, {"error": f"uploads are limited to {MAX_UPLOAD_BYTES >> 20} MB"})
+            return self.reply(413 if length > 0 else 400, {"error": f"an upload of 1 byte to "
+                                                                    f"{MAX_UPLOAD_BYTES >> 20} MB is needed"})
         try:
-            data, beam = image_from_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
-        except (RequestError, ValueError, TypeError, LookupError) as e:  # what a hostile body can raise
-            return self.reply(getattr(e, "status", 400), {"error": str(e) if isinstance(e, RequestError)
-                                                          else "a malformed multipart body"})
+            with self.server.uploads:
+                data, beam = image_from_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
+        except RequestError as e:
+            return self.reply(e.status, {"error": str(e)})
+        except Exception:  # whatever else a hostile body makes the parser raise
+            return self.reply(400, {"error": "a malformed multipart body"})
         try:
             caption, seconds = self.server.caption(data, beam)
         except ValueError as e:  # not an image, damaged, too many pixels: said for this photo only
             message = str(e).replace(repr(data), repr(data.name))  # PIL names the file object
-            return self.reply(422, {"error": message.split(": ", 1)[-1]})
+            return self.reply(503 if "out of memory" in message else 422, {"error": message.split(": ", 1)[-1]})
+        except Exception as e:  # a bug, not the photo's fault: said, and the server goes on
+            self.log_message("error captioning %s: %s: %s", data.name, type(e).__name__, e)
+            return self.reply(500, {"error": f"the server failed on this photo ({type(e).__name__})"})
         self.reply(200, {"caption": caption, "seconds": round(seconds, 3)})
 
     def not_allowed(self):
@@ -126,6 +137,7 @@ class CaptionServer(http.server.ThreadingHTTPServer):
         with open(PAGE, "rb") as f:
             self.page = f.read()
         self._caption_bytes, self._lock = caption_bytes, threading.Lock()
+        self.uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
 
     def caption(self, data: bytes, beam: int) -> tuple[str, float]:
         with self._lock:

@@ -243,6 +243,13 @@ def test_an_old_model_pt_converts_to_a_folder_that_captions_the_same(tmp_path):
     for beam, captions in expected["model_captions"].items():
         assert ids_to_text(tokenizer, beam_search(model, tokens, int(beam), 8)[0]) == captions
     assert description["metadata"]["val_bleu4"] == 0.25  # the old name, val_bleu4_coco, is read as today's
+    other = tmp_path / "run"  # a folder of other files is never replaced by a model
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes(b"weeks of training")
+    refused = subprocess.run([sys.executable, "captioner.py", "--checkpoint", old, "--convert", str(other)],
+                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode == 1 and "not a model folder this program wrote; refusing" in refused.stderr
+    assert (other / "checkpoint.pt").read_bytes() == b"weeks of training"
 
 
 def test_a_hub_id_loads_through_the_hub_client_and_offline_says_what_to_do(archive, monkeypatch):

@@ -183,8 +183,39 @@ def pitfall_both_layouts(root):
     return "metadata.jsonl and .*metadata.jsonl: the layout is either one metadata file in"
 
 
+def pitfall_unquoted_comma(root):
+    csv_rows_per_caption(root)
+    with open(root / "metadata.csv", "a") as f:
+        f.write(f"{os.listdir(root)[0]},a dog, running,train\n")
+    return r"metadata.csv: row \d+ has more fields than the header \(a caption with a comma needs quotes\)"
+
+
+def pitfall_split_column_with_holes(root):
+    split_column(root)
+    rows = [json.loads(line) for line in open(root / "metadata.jsonl")]
+    rows[3].pop("split")
+    write_jsonl(root / "metadata.jsonl", rows)
+    return "metadata.jsonl: row 4: no split, where other rows have one"
+
+
+def pitfall_one_image_in_two_splits(root):
+    split_column(root)
+    rows = [json.loads(line) for line in open(root / "metadata.jsonl")]
+    write_jsonl(root / "metadata.jsonl", rows + [dict(rows[0], split="test")])
+    return "metadata.jsonl: row 13: 'pictures/.*' is in split 'test' here and 'train' in row 1"
+
+
+def pitfall_caption_not_a_string(root):
+    karpathy_coco(root)
+    dataset = json.loads((root / "dataset_coco.json").read_text())
+    dataset["images"][2]["sentences"][0]["raw"] = None
+    (root / "dataset_coco.json").write_text(json.dumps(dataset))
+    return r"dataset_coco.json: images\[2\] is malformed \(missing or wrong 'raw': a caption that is not a string"
+
+
 PITFALLS = [pitfall_metadata_elsewhere, pitfall_misspelt, pitfall_no_caption_column, pitfall_outside,
-            pitfall_missing_file, pitfall_empty_split, pitfall_both_layouts]
+            pitfall_missing_file, pitfall_empty_split, pitfall_both_layouts, pitfall_unquoted_comma,
+            pitfall_split_column_with_holes, pitfall_one_image_in_two_splits, pitfall_caption_not_a_string]
 
 
 @pytest.mark.parametrize("make", PITFALLS, ids=[p.__name__[8:] for p in PITFALLS])
@@ -308,3 +339,23 @@ def test_a_folder_with_its_own_data_never_receives_coco_downloads(tmp_path, monk
         data.training_splits(str(tmp_path), "efficientnet-lite0", 1, str(tmp_path / "cache"), "32", 0,
                              Processes(), download=True)
     assert data.is_coco_folder(str(tmp_path / "absent")) and not data.is_coco_folder(str(tmp_path))
+
+
+def test_the_output_is_never_damaged_nor_shared(model_path, tmp_path):
+    names = photo_folder(tmp_path / "photos")
+    precious = tmp_path / "results.jsonl"
+    precious.write_text('{"accuracy": 0.9}\nnot json, no newline')
+    refused = subprocess.run(caption_command(model_path, tmp_path / "photos", "--output", precious),
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert refused.returncode == 1 and "not a captions file this program wrote" in refused.stderr
+    assert precious.read_text() == '{"accuracy": 0.9}\nnot json, no newline'  # not a byte changed
+    from support.files import file_lock
+    output = tmp_path / "photos" / "captions.jsonl"  # inside the folder it captions: never its own input
+    with file_lock(str(output) + ".lock", "another run"):
+        busy = subprocess.run(caption_command(model_path, tmp_path / "photos", "--output", output),
+                              capture_output=True, text=True, env=ENV, timeout=300)
+    assert busy.returncode == 1 and "is in use by" in busy.stderr and "Traceback" not in busy.stderr
+    done = subprocess.run(caption_command(model_path, tmp_path / "photos", "--output", output),
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(read_rows(output)) == len(names) + 4

@@ -130,6 +130,17 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     for method, path, data, headers, expected in cases:
         status, _ = request(port, method, path, data, headers)
         assert status == expected, (method, path)
+    boundary = "b0"
+    odd_beam = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\nx\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="beam"\r\nContent-Type: message/rfc822'
+                f'\r\n\r\nSubject: 1\r\n\r\n2\r\n--{boundary}--\r\n').encode()
+    many_parts = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="p{k}"\r\n\r\n1\r\n'.encode()
+                          for k in range(20)) + f"--{boundary}--\r\n".encode()
+    for data in (odd_beam, many_parts):
+        status, _ = request(port, "POST", "/caption", data,
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status == 400
+    assert request(port, "POST", "/caption", b"", {"Content-Type": content_type, "Content-Length": "0"})[0] == 400
     jpeg = open(photos(1)[0], "rb").read()
     assert post_photo(port, jpeg, beam="99")[0] == 400
     assert post_photo(port, jpeg, beam=None)[0] == 200  # beam 1 by default
