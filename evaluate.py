@@ -174,6 +174,7 @@ def main(args):
     out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint))  # a Hub id: here
                                if os.path.exists(args.checkpoint) else ".")
     check_writable(out_dir, "--out-dir")  # now, not after decoding every beam size
+    model_name = os.path.abspath(args.checkpoint) if os.path.exists(args.checkpoint) else args.checkpoint
     model, tokenizer, archive = load_model(args.checkpoint)
     model.to(device).eval()
     model.check_max_length(args.max_length)  # these two now, not after embedding the split
@@ -208,14 +209,14 @@ def main(args):
         print("| " + " | ".join(row) + " |")
     metrics = {"split": args.split, "images": len(items), "unreadable_images": len(all_items) - len(items),
                "unreadable_file": meta["unreadable_file"] if len(all_items) > len(items) else None,
-               "checkpoint": os.path.abspath(args.checkpoint), "data_dir": os.path.abspath(args.data_dir),
+               "checkpoint": model_name, "data_dir": os.path.abspath(args.data_dir),
                "max_length": args.max_length, "length_penalty": args.length_penalty,
                "model": archive["metadata"], "sacrebleu_signature": signature, "results": results}
     atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1))
     atomic_write_text(os.path.join(out_dir, "captions.jsonl"), "\n".join(lines) + "\n")
     written = ["metrics.json", "captions.jsonl"]
     if args.gallery:
-        header = f"{args.split}: {len(items)} images, {os.path.abspath(args.checkpoint)}"
+        header = f"{args.split}: {len(items)} images, {model_name}"
         write_gallery(os.path.join(out_dir, "gallery.html"), items, results, all_captions, per_image,
                       args.gallery, header)
         written.append("gallery.html")

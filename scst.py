@@ -348,7 +348,7 @@ def check_args(args, parser):
     if args.baseline == "others" and args.samples_per_image < 2:
         parser.error("--baseline others needs --samples-per-image 2 or more")
     check_shared_args(args, parser)
-    args.checkpoint = os.path.abspath(args.checkpoint)
+    args.checkpoint = os.path.abspath(args.checkpoint) if os.path.exists(args.checkpoint) else args.checkpoint
     # the model this run starts from must outlive it: refuse to write over it (or delete it, --overwrite)
     if os.path.realpath(args.checkpoint) in {os.path.realpath(os.path.join(args.out_dir, name)) for name in
                                              ("model", "model.pt", "checkpoint.pt")}:

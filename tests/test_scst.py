@@ -227,3 +227,10 @@ def test_the_bleu_weight_adds_sentence_bleu_to_the_reward():
     bonus = [m - p for m, p in zip(mixed, plain)]
     assert bonus[0] > 0.1 and bonus[1] == pytest.approx(0.0, abs=0.05)  # the other image's caption scores ~0
     assert bonus[0] <= 0.5
+
+
+def test_a_hub_id_stays_a_hub_id(tmp_path):
+    parser = scst.get_args_parser()
+    args = parser.parse_args(["--checkpoint", "someone/captioner", "--device", "cpu", "--out-dir", str(tmp_path)])
+    scst.check_args(args, parser)
+    assert args.checkpoint == "someone/captioner"  # not made into a path under the current folder
