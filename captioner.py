@@ -30,7 +30,7 @@ from support.caption_files import caption_files, print_captions
 from support.files import ArchiveError, cpu_state_dict, tokenizer_from_data
 from support.model_folder import locate, read_model_archive, read_model_folder, write_model_folder
 from support.images import load_image
-from support.processes import autocast, default_device, embedding_precision, free_memory
+from support.processes import autocast, default_device, embedding_precision, items_that_fit
 from support.serve import serve
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,13 +361,8 @@ def images_per_batch(model: CaptionModel, beam_size: int, max_length: int, wante
     config = model.decoder.config
     per_beam = (16 * config.vocab_size + 8 * config.n_layer * config.n_embd * (max_length +
                 model.config.num_image_tokens) + 40 * max_length)  # bytes
-    per_image, budget = per_beam * beam_size, free_memory(device) // 2
-    if per_image > budget:
-        raise ValueError(f"--beam-size {beam_size}: decoding one image needs about {per_image / 2**30:.1f} GiB "
-                         f"({beam_size} beams x a {config.vocab_size:,}-token vocabulary), more than the "
-                         f"{budget / 2**30:.1f} GiB this program allows itself on {device} (half of what is "
-                         f"free); lower --beam-size")
-    return max(1, min(wanted, budget // per_image))
+    return items_that_fit(per_beam * beam_size, wanted, device, f"--beam-size {beam_size}: decoding one image",
+                          f"{beam_size} beams x a {config.vocab_size:,}-token vocabulary", "lower --beam-size")
 
 
 @torch.no_grad()

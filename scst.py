@@ -42,7 +42,7 @@ from support.files import tokenizer_to_data
 from support.flags import add_shared_arguments, check_shared_args
 from support.processes import Processes, StopRequest, autocast, interrupt, my_share, to_device
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
-                         run_processes, run_record, save_checkpoint, seeded_generator)
+                         run_processes, run_record, save_checkpoint, seeded_generator, step_done)
 from train import get_lr, make_optimizer, optimizer_step
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,13 +158,10 @@ def train_one_epoch(policy, model, optimizer, scaler, data, cider, epoch, state,
         optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.step_in_epoch = window_index + 1
         interval.add(loss)
         totals = [a + b for a, b in zip(totals, figures)]
-        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
-        checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
-        if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+        log_now, checkpoint, stop = step_done(state, window_index, len(windows), args, stop_at, stop_request)
+        if log_now:
             reward_sum, samples, tokens = processes.sum(totals)  # of every process
             record = {"type": "train", "step": state.step, "epoch": epoch,
                       **interval.close(state.step, epoch, tokens), "reward": reward_sum / samples, "lr": lr,
@@ -272,9 +269,7 @@ def fine_tune(args, processes: Processes):
         raise SystemExit(f"error: the cached embeddings were made with preprocessing "
                          f"{splits['train']['preprocessing']}, the model with {start['preprocessing']}")
     # No seeding: nothing draws random numbers but the sampler, a pure function of seed, step and process
-    if args.max_length > model.decoder.config.n_positions:
-        raise SystemExit(f"error: the decoder reads at most {model.decoder.config.n_positions} tokens; lower "
-                         f"--max-length ({args.max_length})")
+    model.check_max_length(args.max_length)
     model.to(device)
     for split in splits.values():
         split.update(references=[item.captions for item in split["items"]], tokenizer=tokenizer,

@@ -40,7 +40,7 @@ from support.flags import add_shared_arguments, check_shared_args
 from support.processes import (Processes, StopRequest, autocast, embedding_precision, interrupt, my_share,
                                to_device)
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
-                         restore, run_processes, run_record, save_checkpoint, seeded_generator)
+                         restore, run_processes, run_record, save_checkpoint, seeded_generator, step_done)
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -198,13 +198,10 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.step_in_epoch = window_index + 1
         interval.add(loss)
         interval_tokens += window_tokens  # of all processes
-        stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
-        checkpoint = stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
-        if checkpoint or state.step % args.log_interval == 0 or window_index == len(windows) - 1:
+        log_now, checkpoint, stop = step_done(state, window_index, len(windows), args, stop_at, stop_request)
+        if log_now:
             record = {"type": "train", "step": state.step, "epoch": epoch,
                       **interval.close(state.step, epoch, interval_tokens), "lr": lr,
                       "grad_norm": float(grad_norm)}

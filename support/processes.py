@@ -162,6 +162,17 @@ def autocast(device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def items_that_fit(bytes_per_item: int, wanted: int, device, what: str, why: str, remedy: str) -> int:
+    """How many items of this size to process at once: at most `wanted`, as many as half of the memory free
+    on `device` holds (the rest is headroom). If not even one fits: a ValueError with the figures."""
+    budget = free_memory(device) // 2
+    if bytes_per_item > budget:
+        raise ValueError(f"{what} needs about {bytes_per_item / 2**30:.1f} GiB ({why}), more than the "
+                         f"{budget / 2**30:.1f} GiB this program allows itself on {device} (half of what is "
+                         f"free); {remedy}")
+    return max(1, min(wanted, budget // bytes_per_item))
+
+
 def free_memory(device) -> int:
     """Bytes that `device` can still allocate: free GPU memory on CUDA; elsewhere the machine's available
     memory (MemAvailable), lowered to what a cgroup limit (a container) or an address-space limit (ulimit -v)

@@ -179,6 +179,17 @@ def restore(checkpoint: dict, optimizer, scaler, processes) -> TrainState:
     return TrainState(**checkpoint["state"])
 
 
+def step_done(state: TrainState, window_index: int, windows: int, args, stop_at, stop_request):
+    """Count the optimizer step just taken -> (log now, save a checkpoint now, stop now): a log line every
+    --log-interval steps and at the epoch's end, a checkpoint every --checkpoint-every steps and before any
+    stop (--stop-after-steps, a signal)."""
+    state.step += 1
+    state.step_in_epoch = window_index + 1
+    stop = (stop_at is not None and state.step >= stop_at) or stop_request.requested()
+    checkpoint = bool(stop or (args.checkpoint_every and state.step % args.checkpoint_every == 0))
+    return checkpoint or state.step % args.log_interval == 0 or window_index == windows - 1, checkpoint, stop
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ---- the log ----
 

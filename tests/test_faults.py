@@ -447,7 +447,8 @@ def test_decoding_batches_fit_the_free_memory_and_say_so(monkeypatch, capsys):
     tokens = torch.randn(7, 2, 4)
     whole = captioner.caption_image_tokens(model, tokenizer, tokens, 3, "cpu", 128, 8)
     per_image = 3 * (16 * 7 + 8 * 1 * 8 * (8 + 2) + 40 * 8)
-    monkeypatch.setattr(captioner, "free_memory", lambda device: 2 * 2 * per_image)  # room for two images
+    import support.processes
+    monkeypatch.setattr(support.processes, "free_memory", lambda device: 2 * 2 * per_image)  # room for two
     assert captioner.caption_image_tokens(model, tokenizer, tokens, 3, "cpu", 128, 8) == whole
     assert "decoding 2 images at a time, not 128" in capsys.readouterr().err
 
