@@ -44,6 +44,7 @@ class CaptionerConfig:
     decoder: dict  # the GPT-2 config as a plain dict (GPT2Config.to_dict()), add_cross_attention=True
     eos_token_id: int  # ends every caption; GPT-2 also uses it as the start token
     language_model: str = ""  # where the decoder weights came from (a name or a directory), for the record
+    image_dropout: float = 0.0  # dropout on the image memory while training (train.py --image-dropout)
 
     @property
     def num_image_tokens(self) -> int:
@@ -79,6 +80,7 @@ class CaptionModel(nn.Module):
         # grid cell (cross-attention itself is order-blind)
         self.image_slot_embedding = nn.Parameter(torch.zeros(config.num_image_tokens, width))
         self.image_norm = nn.LayerNorm(width)
+        self.image_dropout = nn.Dropout(config.image_dropout)  # the identity in eval mode, so when decoding
 
     @property
     def eos_token_id(self) -> int:
@@ -90,15 +92,17 @@ class CaptionModel(nn.Module):
             raise ValueError(f"expected image tokens of shape (B, {self.config.num_image_tokens}, "
                              f"{self.config.image_width}), got {tuple(image_tokens.shape)}")
         x = self.image_projection(image_tokens.to(self.image_projection.weight.dtype))
-        return self.image_norm(x + self.image_slot_embedding)
+        return self.image_dropout(self.image_norm(x + self.image_slot_embedding))
 
-    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, label_positions=None, labels=None):
+    def forward(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, label_positions=None, labels=None,
+                label_smoothing: float = 0.0):
         """Teacher forcing: image_tokens (B, K, D), input_ids (B, T) right-padded -> (logits (B, T, V), None).
         With label_positions (N,), flat indices into the B*T positions (padding has none) -> logits (N, V)
         there only, and with labels (N,) too, their cross-entropy summed over the N tokens in fp32 (the
         training loop divides it by the tokens of the whole optimizer step). Only labelled positions reach
         the 50k-wide output layer, most of the cost; indices made on the CPU by the caller keep a GPU from
-        waiting to learn N.
+        waiting to learn N. label_smoothing eps: each target becomes (1 - eps) on the label + eps spread
+        evenly over the vocabulary (Szegedy et al. 2016, "Rethinking the Inception architecture").
         Right padding needs no attention mask: causal attention never lets a real position see a later pad."""
         memory = self.encode_images(image_tokens)
         hidden = self.decoder.transformer(input_ids=input_ids, encoder_hidden_states=memory,
@@ -106,7 +110,9 @@ class CaptionModel(nn.Module):
         if label_positions is None:
             return self.decoder.lm_head(hidden), None
         logits = self.decoder.lm_head(hidden.flatten(0, 1).index_select(0, label_positions))  # (N, V)
-        return logits, None if labels is None else F.cross_entropy(logits.float(), labels, reduction="sum")
+        if labels is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
 
     def check_max_length(self, max_length: int):
         """Decoding writes token t at the decoder's position t: a caption cannot outgrow its positions."""
@@ -129,10 +135,12 @@ def labelled_positions(labels):
     return positions, labels.flatten()[positions]
 
 
-def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int):
+def build_model(language_model: str, vision_backbone: str, image_width: int, image_grid: int,
+                dropout: float | None = None, image_dropout: float = 0.0):
     """A new caption model whose decoder starts from a pretrained GPT-2-family LM (a hub name or a local
-    directory holding a saved model and tokenizer). The cross-attention layers start random.
-    Returns (model, tokenizer)."""
+    directory holding a saved model and tokenizer). The cross-attention layers start random. dropout, if
+    given, replaces the LM's own on its embeddings, residuals and attention weights; image_dropout applies
+    to the image memory. Returns (model, tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as transformers_logging
     source = LANGUAGE_MODELS.get(language_model, language_model)
@@ -150,7 +158,8 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True)
+        rates = {} if dropout is None else {"embd_pdrop": dropout, "resid_pdrop": dropout, "attn_pdrop": dropout}
+        decoder = GPT2LMHeadModel.from_pretrained(source, add_cross_attention=True, **rates)
     finally:
         transformers_logging.set_verbosity(verbosity)
     print(f"decoder {language_model}: pretrained weights loaded; its {decoder.config.n_layer} "
@@ -158,7 +167,7 @@ def build_model(language_model: str, vision_backbone: str, image_width: int, ima
     decoder_config = json.loads(decoder.config.to_json_string(use_diff=False))
     config = CaptionerConfig(vision_backbone=vision_backbone, image_grid=image_grid, image_width=image_width,
                              decoder=decoder_config, eos_token_id=tokenizer.eos_token_id,
-                             language_model=language_model)
+                             language_model=language_model, image_dropout=image_dropout)
     return CaptionModel(config, decoder), tokenizer
 
 

@@ -24,6 +24,7 @@ from support.datasets import DatasetError, is_coco_folder, read_dataset  # noqa:
 from support.embedding_cache import default_cache_dir, drop_unreadable, load_or_build_cache  # noqa: F401
 from support.images import ImageSource
 from support.processes import Processes, autocast, embedding_precision
+from support.views import VIEWS, mirrorable, view_pixels
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the split ----
@@ -178,28 +179,30 @@ def tokenize_captions(tokenizer, items, max_tokens: int) -> list[list[list[int]]
 # ---------------------------------------------------------------------------------------------------------
 # ---- image tokens ----
 
-def token_encoder(grid: int, device, precision: str):
-    """-> encode(backbone, pixels (b, 3, S, S)) -> image tokens (b, K, D): captioner.image_tokens, with the
-    backbone run in `precision` ("32", "16" or "bf16": autocast on CUDA, fp32 elsewhere)."""
+def token_encoder(grid: int, device, precision: str, view: str = ""):
+    """-> encode(backbone, pixels (b, 3, S, S)) -> image tokens (b, K, D): captioner.image_tokens of the
+    pixels, or of an augmented `view` of them (support/views.py), with the backbone run in `precision` ("32",
+    "16" or "bf16": autocast on CUDA, fp32 elsewhere)."""
     precision = embedding_precision(device, precision)
 
     def encode(backbone, pixels):
         with autocast(device, precision):
-            return image_tokens(backbone, pixels, grid)
+            return image_tokens(backbone, view_pixels(view, pixels) if view else pixels, grid)
     return encode
 
 
 def cached_image_tokens(items, split: str, backbone_name: str, grid: int, cache_dir: str, *, device="cpu",
                         precision="32", num_workers=2, batch_size=32, get_backbone=None,
-                        processes: Processes | None = None):
+                        processes: Processes | None = None, view: str = ""):
     """-> (tokens, meta): tokens[i] (K, D) float16, a read-only memmap row, is captioner.image_tokens of
     items[i] with this backbone and grid, the backbone run in `precision`; rows whose image could not be read
     are zeros, listed in meta["unreadable"] (why: meta["unreadable_images"], and the file
     meta["unreadable_file"]). The first call embeds the split (resumably, several processes sharing the work)
-    and caches it in cache_dir; later ones read the cache (support/embedding_cache.py)."""
+    and caches it in cache_dir; later ones read the cache (support/embedding_cache.py). With `view`, the
+    tokens are of that augmented view of each image (support/views.py), cached beside the plain ones."""
     processes = processes or Processes(device=device)
     return load_or_build_cache(items, split, backbone_name, grid, cache_dir,
-                               encode=token_encoder(grid, device, precision), device=device,
+                               encode=token_encoder(grid, device, precision, view), device=device, view=view,
                                precision=embedding_precision(device, precision), batch_size=batch_size,
                                num_workers=num_workers, get_backbone=get_backbone, rank=processes.rank,
                                world_size=processes.world_size, barrier=processes.barrier)
@@ -222,11 +225,23 @@ def split_image_tokens(items, split: str, backbone_name: str, grid: int, cache_d
     return (*drop_unreadable(items, tokens, meta), meta)
 
 
+def view_tokens(cached, items, plain_meta):
+    """The tokens of an augmented view, cached (tokens, meta) for every item, without the rows that the plain
+    view left out, so that row i belongs to the same image in both."""
+    tokens, meta = cached
+    if meta["unreadable"] != plain_meta["unreadable"]:
+        raise ValueError(f"{meta['unreadable_file']}: the {meta.get('split')} images unreadable in this view "
+                         f"differ from the plain view's; delete both caches' files to embed them again")
+    return drop_unreadable(items, tokens, meta)[1]
+
+
 def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_workers, processes: Processes,
-                    download=False, val_share=0.05, test_share=0.05) -> dict:
+                    download=False, val_share=0.05, test_share=0.05, views: int = 0) -> dict:
     """-> {"train": ..., "val": ...}: each split's readable images ("items"), their cached image tokens
     ("tokens") and the backbone's "preprocessing", for train.py and scst.py. With download, rank 0 fetches
-    what data_dir lacks of COCO first."""
+    what data_dir lacks of COCO first. With views, the train split also gets the tokens of its images' first
+    `views` augmented views ("view_tokens", a list; support/views.py) and whether each image may be mirrored
+    ("mirror_ok")."""
     if download and processes.is_main and is_coco_folder(data_dir):
         # what data_dir lacks of COCO; torchrun stops the other processes if this fails
         prepare_coco(data_dir)
@@ -234,11 +249,18 @@ def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_wor
     get_backbone = functools.cache(lambda: load_backbone(backbone_name))  # once, for both splits
     splits = {}
     for split in ("train", "val"):
+        every_item = read_split(data_dir, split, val_share, test_share)
+        cache = functools.partial(cached_image_tokens, every_item, split, backbone_name, grid, cache_dir,
+                                  device=processes.device, precision=precision, num_workers=num_workers,
+                                  get_backbone=get_backbone, processes=processes)
         items, tokens, meta = split_image_tokens(
-            read_split(data_dir, split, val_share, test_share), split, backbone_name, grid, cache_dir,
-            device=processes.device, precision=precision, num_workers=num_workers, get_backbone=get_backbone,
-            processes=processes)
+            every_item, split, backbone_name, grid, cache_dir, device=processes.device, precision=precision,
+            num_workers=num_workers, get_backbone=get_backbone, processes=processes)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
+        if split == "train" and views:
+            splits[split]["view_tokens"] = [view_tokens(cache(view=view), every_item, meta)
+                                            for view in VIEWS[:views]]
+            splits[split]["mirror_ok"] = [mirrorable(item.captions) for item in items]
     shared = {item.source.name for item in splits["train"]["items"]} & \
         {item.source.name for item in splits["val"]["items"]}
     if shared and processes.is_main:  # validation would then flatter the model

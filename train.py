@@ -41,6 +41,8 @@ from support.processes import (Processes, StopRequest, autocast, embedding_preci
                                to_device)
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
                          restore, run_processes, run_record, save_checkpoint, seeded_generator, step_done)
+from support.ema import WeightAverage
+from support.views import VIEWS, draw_views
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -87,9 +89,11 @@ def padding_fraction(windows, captions, batch_size: int) -> float:
     return 1 - real / padded
 
 
-def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = False):
+def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = False, views=None):
     """-> image tokens (B, K, D) float16, input_ids (B, T), labels (B, T) with -100 on padding.
-    Each sequence is EOS + caption + EOS; inputs drop the last token, labels drop the first."""
+    Each sequence is EOS + caption + EOS; inputs drop the last token, labels drop the first.
+    With views (B,), the view of each pair's image (0: plain; see --augment-views), image_tokens holds every
+    view: a list of (N, K, D) arrays, or one (views + 1, N, K, D) tensor on the device."""
     sequences = [[eos] + captions[i][j] for i, j in pairs]
     T = max(len(s) for s in sequences) - 1
     input_ids = torch.full((len(pairs), T), eos, dtype=torch.long)
@@ -98,6 +102,12 @@ def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = Fa
         input_ids[row, : len(s) - 1] = torch.tensor(s[:-1])
         labels[row, : len(s) - 1] = torch.tensor(s[1:])
     index = [i for i, _ in pairs]
+    if views is not None:
+        if torch.is_tensor(image_tokens):
+            rows, views = (to_device(torch.tensor(x), image_tokens.device) for x in (index, views))
+            return image_tokens[views, rows], input_ids, labels  # (B, K, D)
+        rows = np.stack([image_tokens[v][i] for i, v in zip(index, views)])  # (B, K, D)
+        return torch.from_numpy(rows), input_ids, labels
     if torch.is_tensor(image_tokens):  # the split's tokens are on the GPU: gather there; only indices travel
         rows = to_device(torch.tensor(index), image_tokens.device)
         return image_tokens.index_select(0, rows), input_ids, labels
@@ -129,7 +139,8 @@ def make_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
-def accumulate_gradients(model, batches, scaler, processes: Processes, precision: str, weight: float = 1.0):
+def accumulate_gradients(model, batches, scaler, processes: Processes, precision: str, weight: float = 1.0,
+                         label_smoothing: float = 0.0):
     """Forward and backward over this process's micro-batches of one optimizer step -> (mean token loss of
     the whole window over all processes, as a tensor; caption tokens in the window)."""
     window_tokens = sum(int((labels != -100).sum()) for _, _, labels in batches) * int(weight != 0)
@@ -151,7 +162,7 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
         last = k == len(batches) - 1
         with model.no_sync() if processes.world_size > 1 and not last else contextlib.nullcontext():
             with autocast(processes.device, precision):
-                _, loss_sum = model(image_tokens, input_ids, positions, targets)
+                _, loss_sum = model(image_tokens, input_ids, positions, targets, label_smoothing)
             loss = loss_sum * scale
             scaler.scale(loss).backward()
         window_loss += loss.detach()
@@ -177,12 +188,16 @@ def optimizer_step(optimizer, scaler, loss, grad_norm=None):
 
 
 def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log, save,
-                    stop_request) -> bool:
-    """Run the optimizer steps of one epoch from state.step_in_epoch on; save() writes a checkpoint. Returns
-    False if the run must stop early (--stop-after-steps, a signal; a checkpoint is saved), True when the
-    epoch is complete."""
+                    stop_request, average=None) -> bool:
+    """Run the optimizer steps of one epoch from state.step_in_epoch on; save() writes a checkpoint; the
+    weight average, if any, follows every step. Returns False if the run must stop early (--stop-after-steps,
+    a signal; a checkpoint is saved), True when the epoch is complete."""
     model.train()
     windows = epoch_windows(data["captions"], epoch, args, processes.world_size)
+    tokens, view_of = data["tokens"], None
+    if args.augment_views:  # one view per caption, drawn afresh each epoch from (seed, epoch)
+        tokens = data["all_views"]
+        view_of = draw_views(data["captions"], data["mirror_ok"], args.augment_views, epoch, args.seed)
     stop_at = state.step + args.stop_after_steps if args.stop_after_steps else None
     interval, interval_tokens = Interval(), 0
     for window_index in range(state.step_in_epoch, len(windows)):
@@ -190,13 +205,17 @@ def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, a
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine, weight = my_share(windows[window_index], processes.rank, processes.world_size)
-        batches = [make_batch(mine[i:i + args.batch_size], data["captions"], data["tokens"], data["eos"],
-                              args.train_padding) for i in range(0, len(mine), args.batch_size)]
-        loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight)
+        batches = [make_batch(pairs, data["captions"], tokens, data["eos"], args.train_padding,
+                              None if view_of is None else [view_of[i][j] for i, j in pairs])
+                   for pairs in (mine[k:k + args.batch_size] for k in range(0, len(mine), args.batch_size))]
+        loss, window_tokens = accumulate_gradients(model, batches, scaler, processes, args.precision, weight,
+                                                   args.label_smoothing)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer_step(optimizer, scaler, loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
+        if average:
+            average.update()
 
         interval.add(loss)
         interval_tokens += window_tokens  # of all processes
@@ -286,6 +305,25 @@ def get_args_parser():
     add("--beam-size", type=int, default=1, help="beams for the validation captions after each epoch")
     add("--select-by", choices=["bleu4", "cider_d"], default="bleu4",
         help="the validation figure (COCO protocol) that picks the epoch kept in OUT/model")
+    # against overfitting; docs/recipe.md measures each on coco-mini's val split
+    add("--label-smoothing", type=float, default=0.0,
+        help="train towards (1 - eps) on each caption token + eps spread over the vocabulary (Szegedy et al. "
+             "2016; 0.1 in the Transformer, Vaswani et al. 2017); the logged train loss includes it, the "
+             "val loss does not (default %(default)s: off)")
+    add("--ema-decay", type=float, default=0.0,
+        help="keep an exponential moving average of the weights, with this decay per optimizer step (e.g. "
+             "0.999), and validate and save it instead of the raw weights (Polyak averaging; "
+             "support/ema.py; default %(default)s: off)")
+    add("--dropout", type=float, default=None,
+        help="the decoder's dropout on embeddings, residuals and attention weights (GPT-2's resid_pdrop, "
+             "embd_pdrop, attn_pdrop; default: the language model's own, 0.1 for GPT-2)")
+    add("--image-dropout", type=float, default=0.0,
+        help="dropout on the image tokens after their projection, which every cross-attention reads "
+             "(default %(default)s)")
+    add("--augment-views", type=int, default=0, choices=range(len(VIEWS) + 1), metavar=f"0..{len(VIEWS)}",
+        help="embed each training image also in this many fixed views (mirrored, then AlexNet's corner and "
+             "centre crops; support/views.py), cached, and pair each caption with one view drawn per epoch; "
+             "mirrored views never for captions with left/right (default %(default)s: off)")
     return parser
 
 
@@ -302,6 +340,10 @@ def check_args(args, parser):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bucket_windows < 0:
         parser.error("--bucket-windows must be 0 (off) or more")
+    for name in ("label_smoothing", "ema_decay", "dropout", "image_dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
     if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
         parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per "
                      f"image)")
@@ -318,7 +360,8 @@ def check_args(args, parser):
 RESUME_MUST_MATCH = ("vision_backbone", "image_grid", "language_model", "batch_size",
                      "accumulate_grad_batches", "seed", "one_caption_per_image", "train_padding",
                      "max_caption_tokens", "data_dir", "lr", "lr_schedule", "warmup_fraction", "min_lr_ratio",
-                     "weight_decay", "grad_clip", "beam_size", "max_length", "bucket_windows", "select_by")
+                     "weight_decay", "grad_clip", "beam_size", "max_length", "bucket_windows", "select_by",
+                     "label_smoothing", "ema_decay", "dropout", "image_dropout", "augment_views")
 
 
 def run_settings(args) -> dict:
@@ -334,7 +377,8 @@ def setup_model(args, processes, checkpoint, image_width: int):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # also seeds every CUDA device
     if checkpoint is None:
-        model, tokenizer = build_model(args.language_model, args.vision_backbone, image_width, args.image_grid)
+        model, tokenizer = build_model(args.language_model, args.vision_backbone, image_width, args.image_grid,
+                                       args.dropout, args.image_dropout)
     else:
         model, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"],
                                            os.path.join(args.out_dir, "checkpoint.pt"), "checkpoint")
@@ -368,6 +412,10 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
     windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
     say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
         f"positions in epoch {state.epoch}'s micro-batches (--bucket-windows {args.bucket_windows})")
+    say(f"against overfitting: label smoothing {args.label_smoothing:g}, weight average "
+        f"{f'decay {args.ema_decay:g}' if args.ema_decay else 'off'}, decoder dropout "
+        f"{model.decoder.config.resid_pdrop:g}, image dropout {args.image_dropout:g}, "
+        f"{args.augment_views} augmented views")
     say(f"outputs: {args.out_dir}/model (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
@@ -377,7 +425,8 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
 
 
 def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: RunFiles, start: float):
-    """Rank 0: validate, keep the model in OUT/model if it is the best so far, log the epoch."""
+    """Rank 0: validate, keep the model in OUT/model if it is the best so far, log the epoch. With
+    --ema-decay, `model` holds the weight average here."""
     scores = validate(model, splits["val"], args, device)
     score = scores[f"val_{args.select_by}"]
     best = (score, -scores["val_loss"]) > (state.best_score, -state.best_val_loss)  # ties: lower val loss
@@ -411,15 +460,22 @@ def train(args, processes: Processes):
 
     splits = training_splits(args.data_dir, args.vision_backbone, args.image_grid, args.cache_dir,
                              args.embedding_precision, args.num_workers, processes, args.download,
-                             args.val_share, args.test_share)
+                             args.val_share, args.test_share, args.augment_views)
     model, tokenizer = setup_model(args, processes, checkpoint, splits["train"]["tokens"].shape[2])
     add_captions(splits, tokenizer, args.max_caption_tokens)
-    if args.tokens_on_device:  # 1.7 GB for COCO's train split: batches are then gathered on the GPU
+    train_split = splits["train"]
+    train_split["all_views"] = [train_split["tokens"], *train_split.get("view_tokens", [])]
+    if args.tokens_on_device:  # 1.7 GB for COCO's train split (per view): batches are then gathered on the GPU
         for split in splits.values():
             split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(processes.device)
+        train_split["all_views"] = torch.stack([torch.from_numpy(np.ascontiguousarray(t[:]))
+                                                for t in train_split["all_views"]]).to(processes.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(processes.device).type, enabled=args.precision == "16")
     state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()
+    average = WeightAverage(model, args.ema_decay) if args.ema_decay else None
+    if average and checkpoint:
+        average.load_state_dict(checkpoint["ema"])
     # Gradients are averaged over processes during backward; the optimizer then steps identically everywhere.
     train_model = processes.wrap(model)
     if args.compile:
@@ -434,7 +490,8 @@ def train(args, processes: Processes):
 
     def save():
         save_checkpoint(files.checkpoint_path, processes, model, optimizer, scaler, state,
-                        tokenizer_to_data(tokenizer), run_settings(args))
+                        tokenizer_to_data(tokenizer), run_settings(args),
+                        {"ema": average.state_dict()} if average else {})
 
     # the epoch loop
     with StopRequest(processes) as stop_request:
@@ -442,12 +499,13 @@ def train(args, processes: Processes):
             state.epoch = epoch
             epoch_start = time.time()
             if not train_one_epoch(train_model, optimizer, scaler, splits["train"], epoch, state, total_steps,
-                                   args, processes, files.log, save, stop_request):
+                                   args, processes, files.log, save, stop_request, average):
                 break
             state.epoch, state.step_in_epoch = epoch + 1, 0
             if processes.is_main:  # rank 0 alone evaluates; the others wait for it at the barrier
-                end_of_epoch(model, tokenizer, splits, epoch, state, args, processes.device, files,
-                             epoch_start)
+                with average.swapped_in() if average else contextlib.nullcontext():
+                    end_of_epoch(model, tokenizer, splits, epoch, state, args, processes.device, files,
+                                 epoch_start)
             processes.barrier()
             save()
             if stop_request.requested():

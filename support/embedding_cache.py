@@ -59,16 +59,20 @@ class TokenCache:
     grid: int
     precision: str
     images: int  # N
+    view: str = ""  # an augmented view (support/views.py), or "" for the plain image
 
     @classmethod
-    def of(cls, items, split, backbone_name, grid, cache_dir, precision="32") -> "TokenCache":
+    def of(cls, items, split, backbone_name, grid, cache_dir, precision="32", view="") -> "TokenCache":
         identity = {"version": CACHE_VERSION, "backbone": _backbone_fingerprint(backbone_name), "grid": grid,
                     "precision": precision,
                     "images": [[item.cocoid, item.source.name, *item.source.fingerprint()] for item in items]}
+        if view:  # only then, so that the plain view keeps the key it always had
+            identity["view"] = view
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone_name.split("/")[-1])
-        stem = os.path.join(cache_dir, f"{split}-{slug}-grid{grid}-{key}")
-        return cls(stem, key, split, backbone_name, grid, precision, len(items))
+        view_slug = f"-{view.replace(' ', '-')}" if view else ""
+        stem = os.path.join(cache_dir, f"{split}{view_slug}-{slug}-grid{grid}-{key}")
+        return cls(stem, key, split, backbone_name, grid, precision, len(items), view)
 
     def path(self, suffix: str) -> str:
         return self.stem + suffix
@@ -76,19 +80,20 @@ class TokenCache:
 
 def load_or_build_cache(items, split: str, backbone_name: str, grid: int, cache_dir: str, *, encode,
                         device="cpu", precision="32", batch_size=32, num_workers=2, get_backbone=None, rank=0,
-                        world_size=1, barrier=None):
+                        world_size=1, barrier=None, view=""):
     """-> (tokens, meta): a read-only memmap (N, K, D) float16 of the split's image tokens, in item order,
     and its description. meta["unreadable"] lists the rows whose image could not be read (zeros; why: in
     meta["unreadable_images"] and the file meta["unreadable_file"]).
 
     Built on first use, or resumed where an earlier build stopped. Only then is the backbone loaded
     (`get_backbone()`, default: by name), and encode(backbone, pixels (b, 3, S, S)) -> (b, K, D) makes the
-    tokens; `precision` (what the backbone runs in) is part of the cache's key. Processes on one machine share
+    tokens; `precision` (what the backbone runs in) and `view` (an augmented view that encode makes, see
+    support/views.py) are part of the cache's key. Processes on one machine share
     the work when each calls this with its `rank` < `world_size` and a `barrier` that waits for all of them:
     rank 0 loads the backbone first (a download happens once), prepares the files, each rank embeds its
     share, rank 0 checks and publishes the cache, then all open it."""
     barrier = barrier or (lambda: None)
-    cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, precision)
+    cache = TokenCache.of(items, split, backbone_name, grid, cache_dir, precision, view)
     lock_path = cache.path(".lock")
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -240,7 +245,8 @@ def embed_token_share(cache: TokenCache, items, backbone, encode, device="cpu", 
 
     start = last_flush = time.time()
     share = f" (rank {rank} of {world_size})" if world_size > 1 else ""
-    desc = f"embedding {cache.split} images with {cache.backbone}{share}"
+    view = f" ({cache.view} view)" if cache.view else ""
+    desc = f"embedding {cache.split} images{view} with {cache.backbone}{share}"
     try:
         with tqdm(total=len(todo), unit="img", desc=desc) as bar:
             for rows, pixels, errors in loader:
@@ -261,7 +267,7 @@ def embed_token_share(cache: TokenCache, items, backbone, encode, device="cpu", 
     finally:
         flush()  # what was embedded before an error or an interrupt is kept for the next run
     seconds = time.time() - start
-    print(f"embedded {len(todo)} {cache.split} images{share} in {seconds:.0f}s "
+    print(f"embedded {len(todo)} {cache.split} images{view}{share} in {seconds:.0f}s "
           f"({len(todo) / seconds:.1f} images/s)")
     return len(todo)
 

@@ -117,9 +117,10 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(path, processes, model, optimizer, scaler, state, tokenizer_data: dict, settings: dict):
+def save_checkpoint(path, processes, model, optimizer, scaler, state, tokenizer_data: dict, settings: dict,
+                    extra: dict | None = None):
     """Called by every process (each contributes its RNG state); rank 0 writes `path`. `settings`: plain
-    data that load_checkpoint compares on resume."""
+    data that load_checkpoint compares on resume; `extra`: more entries (train.py's weight average)."""
     model = getattr(model, "module", model)  # the model inside DistributedDataParallel
     states = [rng_states()]
     if processes.world_size > 1:
@@ -131,12 +132,15 @@ def save_checkpoint(path, processes, model, optimizer, scaler, state, tokenizer_
                   "config": asdict(model.config), "tokenizer": tokenizer_data,
                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": asdict(state),
                   "rng": states,  # one per process
-                  "args": {**settings, "world_size": processes.world_size}}
+                  "args": {**settings, "world_size": processes.world_size}, **(extra or {})}
     atomic_torch_save(checkpoint, path)
 
 
 # How version-1 runs ran, for the settings they did not record yet
 VERSION_1_DEFAULTS = {"bucket_windows": 0, "select_by": "bleu4", "world_size": 1}
+# Settings added in version 2, as the runs before them ran
+LATER_DEFAULTS = {"label_smoothing": 0.0, "ema_decay": 0.0, "dropout": None, "image_dropout": 0.0,
+                  "augment_views": 0}
 
 
 def upgrade_checkpoint(checkpoint: dict) -> dict:
@@ -159,7 +163,7 @@ def load_checkpoint(path: str, settings: dict, must_match, world_size: int) -> d
     if missing:
         raise ArchiveError(f"{path}: damaged checkpoint: no {', '.join(sorted(missing))}")
     checkpoint = upgrade_checkpoint(checkpoint)
-    saved = checkpoint["args"]
+    saved = {**LATER_DEFAULTS, **checkpoint["args"]}
     different = {k: (saved.get(k), settings[k]) for k in must_match if saved.get(k) != settings[k]}
     if saved["world_size"] != world_size:
         different["nproc-per-node"] = (saved["world_size"], world_size)
