@@ -24,7 +24,7 @@ from support.datasets import DatasetError, is_coco_folder, read_dataset  # noqa:
 from support.embedding_cache import default_cache_dir, drop_unreadable, load_or_build_cache  # noqa: F401
 from support.images import ImageSource
 from support.processes import Processes, autocast, embedding_precision
-from support.views import VIEWS, mirrorable, view_pixels
+from support.views import VIEWS, mirrorable, view_pixels, view_tokens
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the split ----
@@ -225,22 +225,12 @@ def split_image_tokens(items, split: str, backbone_name: str, grid: int, cache_d
     return (*drop_unreadable(items, tokens, meta), meta)
 
 
-def view_tokens(cached, items, plain_meta):
-    """The tokens of an augmented view, cached (tokens, meta) for every item, without the rows that the plain
-    view left out, so that row i belongs to the same image in both."""
-    tokens, meta = cached
-    if meta["unreadable"] != plain_meta["unreadable"]:
-        raise ValueError(f"{meta['unreadable_file']}: the {meta.get('split')} images unreadable in this view "
-                         f"differ from the plain view's; delete both caches' files to embed them again")
-    return drop_unreadable(items, tokens, meta)[1]
-
-
 def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_workers, processes: Processes,
                     download=False, val_share=0.05, test_share=0.05, views: int = 0) -> dict:
     """-> {"train": ..., "val": ...}: each split's readable images ("items"), their cached image tokens
     ("tokens") and the backbone's "preprocessing", for train.py and scst.py. With download, rank 0 fetches
-    what data_dir lacks of COCO first. With views, the train split also gets the tokens of its images' first
-    `views` augmented views ("view_tokens", a list; support/views.py) and whether each image may be mirrored
+    what data_dir lacks of COCO first. The train split also gets "all_views": its tokens, then those of its
+    images' first `views` augmented views (support/views.py), and whether each image may be mirrored
     ("mirror_ok")."""
     if download and processes.is_main and is_coco_folder(data_dir):
         # what data_dir lacks of COCO; torchrun stops the other processes if this fails
@@ -257,9 +247,9 @@ def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_wor
             every_item, split, backbone_name, grid, cache_dir, device=processes.device, precision=precision,
             num_workers=num_workers, get_backbone=get_backbone, processes=processes)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
-        if split == "train" and views:
-            splits[split]["view_tokens"] = [view_tokens(cache(view=view), every_item, meta)
-                                            for view in VIEWS[:views]]
+        if split == "train":  # the plain tokens, then each view's
+            splits[split]["all_views"] = [tokens] + [view_tokens(cache(view=view), every_item, meta)
+                                                     for view in VIEWS[:views]]
             splits[split]["mirror_ok"] = [mirrorable(item.captions) for item in items]
     shared = {item.source.name for item in splits["train"]["items"]} & \
         {item.source.name for item in splits["val"]["items"]}

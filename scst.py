@@ -41,9 +41,9 @@ from support.cider import CiderD
 from support.files import tokenizer_to_data
 from support.flags import add_shared_arguments, check_shared_args
 from support.processes import Processes, StopRequest, autocast, interrupt, my_share, to_device
-from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, restore,
-                         run_processes, run_record, save_checkpoint, seeded_generator, step_done)
-from train import get_lr, make_optimizer, optimizer_step
+from support.run import (Interval, RunFiles, TrainState, check_out_dir, load_checkpoint, optimizer_step,
+                         restore, run_processes, run_record, save_checkpoint, seeded_generator, step_done)
+from train import get_lr, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- the policy gradient ----

@@ -36,13 +36,15 @@ from data import DownloadError, add_captions, training_splits
 from evaluate import coco_metrics
 from support.backbones import check_backbone_name
 from support.files import tokenizer_to_data
-from support.flags import add_shared_arguments, check_shared_args
+from support.flags import (add_overfitting_arguments, add_shared_arguments, check_overfitting_args,
+                           check_shared_args)
 from support.processes import (Processes, StopRequest, autocast, embedding_precision, interrupt, my_share,
                                to_device)
 from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
-                         restore, run_processes, run_record, save_checkpoint, seeded_generator, step_done)
+                         optimizer_step, padding_fraction, restore, run_processes, run_record, save_checkpoint,
+                         seeded_generator, step_done)
 from support.ema import WeightAverage
-from support.views import VIEWS, draw_views
+from support.views import draw_views
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -77,16 +79,6 @@ def epoch_windows(captions, epoch: int, args, world_size: int = 1) -> list[list[
         order = torch.randperm(len(windows) - 1, generator=generator).tolist()
         windows = [windows[k] for k in order] + windows[-1:]
     return windows
-
-
-def padding_fraction(windows, captions, batch_size: int) -> float:
-    """Share of the token positions in the epoch's micro-batches that are padding."""
-    padded = real = 0
-    for window in windows:
-        for i in range(0, len(window), batch_size):
-            lengths = [len(captions[a][b]) for a, b in window[i:i + batch_size]]
-            padded, real = padded + max(lengths) * len(lengths), real + sum(lengths)
-    return 1 - real / padded
 
 
 def make_batch(pairs, captions, image_tokens, eos: int, train_padding: bool = False, views=None):
@@ -169,22 +161,6 @@ def accumulate_gradients(model, batches, scaler, processes: Processes, precision
     if processes.world_size > 1:
         dist.all_reduce(window_loss)  # every process sees the same loss, so all stop together if it is bad
     return window_loss / processes.world_size, window_tokens
-
-
-def optimizer_step(optimizer, scaler, loss, grad_norm=None):
-    """Step, unless the loss or the gradient norm is not finite, decided on the device: the host never waits
-    for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol); the fp16
-    scaler sets it itself from the gradients. Other optimizers check on the host."""
-    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-    elif optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        del optimizer.found_inf
-    elif bool(finite):
-        optimizer.step()
-    scaler.update()
 
 
 def train_one_epoch(model, optimizer, scaler, data, epoch, state, total_steps, args, processes, log, save,
@@ -305,25 +281,7 @@ def get_args_parser():
     add("--beam-size", type=int, default=1, help="beams for the validation captions after each epoch")
     add("--select-by", choices=["bleu4", "cider_d"], default="bleu4",
         help="the validation figure (COCO protocol) that picks the epoch kept in OUT/model")
-    # against overfitting; docs/recipe.md measures each on coco-mini's val split
-    add("--label-smoothing", type=float, default=0.0,
-        help="train towards (1 - eps) on each caption token + eps spread over the vocabulary (Szegedy et al. "
-             "2016; 0.1 in the Transformer, Vaswani et al. 2017); the logged train loss includes it, the "
-             "val loss does not (default %(default)s: off)")
-    add("--ema-decay", type=float, default=0.0,
-        help="keep an exponential moving average of the weights, with this decay per optimizer step (e.g. "
-             "0.999), and validate and save it instead of the raw weights (Polyak averaging; "
-             "support/ema.py; default %(default)s: off)")
-    add("--dropout", type=float, default=None,
-        help="the decoder's dropout on embeddings, residuals and attention weights (GPT-2's resid_pdrop, "
-             "embd_pdrop, attn_pdrop; default: the language model's own, 0.1 for GPT-2)")
-    add("--image-dropout", type=float, default=0.0,
-        help="dropout on the image tokens after their projection, which every cross-attention reads "
-             "(default %(default)s)")
-    add("--augment-views", type=int, default=0, choices=range(len(VIEWS) + 1), metavar=f"0..{len(VIEWS)}",
-        help="embed each training image also in this many fixed views (mirrored, then AlexNet's corner and "
-             "centre crops; support/views.py), cached, and pair each caption with one view drawn per epoch; "
-             "mirrored views never for captions with left/right (default %(default)s: off)")
+    add_overfitting_arguments(parser)  # label smoothing, EMA, augmented views, dropout: docs/recipe.md
     return parser
 
 
@@ -340,10 +298,7 @@ def check_args(args, parser):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bucket_windows < 0:
         parser.error("--bucket-windows must be 0 (off) or more")
-    for name in ("label_smoothing", "ema_decay", "dropout", "image_dropout"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    check_overfitting_args(args, parser)
     if not 0 <= args.image_grid <= MAX_IMAGE_GRID:
         parser.error(f"--image-grid must be in [0, {MAX_IMAGE_GRID}] (1 + grid x grid image tokens per "
                      f"image)")
@@ -412,10 +367,8 @@ def describe_run(args, processes, model, splits, state, checkpoint, steps_per_ep
     windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
     say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
         f"positions in epoch {state.epoch}'s micro-batches (--bucket-windows {args.bucket_windows})")
-    say(f"against overfitting: label smoothing {args.label_smoothing:g}, weight average "
-        f"{f'decay {args.ema_decay:g}' if args.ema_decay else 'off'}, decoder dropout "
-        f"{model.decoder.config.resid_pdrop:g}, image dropout {args.image_dropout:g}, "
-        f"{args.augment_views} augmented views")
+    say(f"against overfitting: label smoothing {args.label_smoothing:g}, EMA decay {args.ema_decay:g}, dropout "
+        f"{model.decoder.config.resid_pdrop:g}, image dropout {args.image_dropout:g}, {args.augment_views} views")
     say(f"outputs: {args.out_dir}/model (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
         f"embedding cache {args.cache_dir}")
     if checkpoint:
@@ -443,6 +396,14 @@ def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: Ru
               f"{' (best so far, saved model/)' if best else ''}; e.g. {scores['example']!r}")
 
 
+def tokens_to_device(splits, device):
+    """The splits' image tokens to the device; the train split's views as one (views + 1, N, K, D) tensor."""
+    for split in splits.values():
+        split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(device)
+    splits["train"]["all_views"] = torch.stack([torch.from_numpy(np.ascontiguousarray(t[:]))
+                                                for t in splits["train"]["all_views"]]).to(device)
+
+
 def main(args):
     run_processes(args, train)
 
@@ -463,13 +424,8 @@ def train(args, processes: Processes):
                              args.val_share, args.test_share, args.augment_views)
     model, tokenizer = setup_model(args, processes, checkpoint, splits["train"]["tokens"].shape[2])
     add_captions(splits, tokenizer, args.max_caption_tokens)
-    train_split = splits["train"]
-    train_split["all_views"] = [train_split["tokens"], *train_split.get("view_tokens", [])]
     if args.tokens_on_device:  # 1.7 GB for COCO's train split (per view): batches are then gathered on the GPU
-        for split in splits.values():
-            split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(processes.device)
-        train_split["all_views"] = torch.stack([torch.from_numpy(np.ascontiguousarray(t[:]))
-                                                for t in train_split["all_views"]]).to(processes.device)
+        tokens_to_device(splits, processes.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(processes.device).type, enabled=args.precision == "16")
     state = restore(checkpoint, optimizer, scaler, processes) if checkpoint else TrainState()

@@ -9,6 +9,7 @@ import torch
 
 from support.embedding_cache import default_cache_dir
 from support.processes import default_device
+from support.views import VIEWS
 
 
 def add_shared_arguments(parser):
@@ -124,3 +125,33 @@ def check_run_args(args, parser):
     if args.precision == "16" and not cuda:
         print(f"note: fp16 autocast needs CUDA; on {args.device} training runs in fp32 (--precision 32)")
         args.precision = "32"
+
+
+def add_overfitting_arguments(parser):
+    """train.py's levers against overfitting; docs/recipe.md measures each on coco-mini's val split."""
+    add = parser.add_argument
+    add("--label-smoothing", type=float, default=0.0,
+        help="train towards (1 - eps) on each caption token + eps spread over the vocabulary (Szegedy et al. "
+             "2016; 0.1 in the Transformer, Vaswani et al. 2017); the logged train loss includes it, the "
+             "val loss does not (default %(default)s: off)")
+    add("--ema-decay", type=float, default=0.0,
+        help="keep an exponential moving average of the weights, with this decay per optimizer step (e.g. "
+             "0.999), and validate and save it instead of the raw weights (Polyak averaging; "
+             "support/ema.py; default %(default)s: off)")
+    add("--dropout", type=float, default=None,
+        help="the decoder's dropout on embeddings, residuals and attention weights (GPT-2's resid_pdrop, "
+             "embd_pdrop, attn_pdrop; default: the language model's own, 0.1 for GPT-2)")
+    add("--image-dropout", type=float, default=0.0,
+        help="dropout on the image tokens after their projection, which every cross-attention reads "
+             "(default %(default)s)")
+    add("--augment-views", type=int, default=0, choices=range(len(VIEWS) + 1), metavar=f"0..{len(VIEWS)}",
+        help="embed each training image also in this many fixed views (mirrored, then AlexNet's corner and "
+             "centre crops; support/views.py), cached, and pair each caption with one view drawn per epoch; "
+             "mirrored views never for captions with left/right (default %(default)s: off)")
+
+
+def check_overfitting_args(args, parser):
+    for name in ("label_smoothing", "ema_decay", "dropout", "image_dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")

@@ -194,6 +194,32 @@ def step_done(state: TrainState, window_index: int, windows: int, args, stop_at,
     return checkpoint or state.step % args.log_interval == 0 or window_index == windows - 1, checkpoint, stop
 
 
+def optimizer_step(optimizer, scaler, loss, grad_norm=None):
+    """Step, unless the loss or the gradient norm is not finite, decided on the device: the host never waits
+    for the GPU here. Fused AdamW skips its update where `found_inf` is set (GradScaler's protocol); the fp16
+    scaler sets it itself from the gradients. Other optimizers check on the host."""
+    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+    scaler.update()
+
+
+def padding_fraction(windows, captions, batch_size: int) -> float:
+    """Share of the token positions in the epoch's micro-batches that are padding."""
+    padded = real = 0
+    for window in windows:
+        for i in range(0, len(window), batch_size):
+            lengths = [len(captions[a][b]) for a, b in window[i:i + batch_size]]
+            padded, real = padded + max(lengths) * len(lengths), real + sum(lengths)
+    return 1 - real / padded
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ---- the log ----
 

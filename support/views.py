@@ -14,6 +14,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from support.embedding_cache import drop_unreadable
 from support.run import seeded_generator
 
 CROP = 0.875  # AlexNet's 224 of 256: each crop keeps 87.5% of the side
@@ -58,3 +59,14 @@ def draw_views(captions: list[list], mirror_ok: list[bool], views: int, epoch: i
         out.append([allowed[min(int(u * len(allowed)), len(allowed) - 1)] for u in draws[k:k + len(caps)]])
         k += len(caps)
     return out
+
+
+def view_tokens(cached, items, plain_meta):
+    """The tokens of an augmented view, cached (tokens, meta) for every item, without the rows that the plain
+    view left out, so that row i belongs to the same image in both."""
+    tokens, meta = cached
+    if meta["unreadable"] != plain_meta["unreadable"]:
+        raise ValueError(f"{meta['unreadable_file']}: the {meta.get('split')} images unreadable in this view "
+                         f"differ from the plain view's; delete both caches' files to embed them again")
+    return drop_unreadable(items, tokens, meta)[1]
+
