@@ -16,7 +16,7 @@ the model kept in OUT/model (train.py's format).
 
 In reading order: the rewards (CIDEr-D with document frequencies fixed by the training references, in
 support/cider.py, plus sentence BLEU-4) and the policy loss, the loop, and main. The optimisation (AdamW,
-the LR schedule, the non-finite guard) is train.py's, imported; the run's machinery (checkpoints with exact
+the LR schedule) is train.py's, imported; the run's machinery (the non-finite guard, checkpoints with exact
 --resume, torchrun processes, the log) is support/run.py's, as for train.py.
 """
 

@@ -8,6 +8,8 @@
     images.py           reading an image: from a folder or a zip, orientation, modes, pixel limits
     coco_download.py    fetching COCO's Karpathy split, resumable and verified
     embedding_cache.py  the backbone's image tokens of a split, computed once and memory-mapped
+    views.py            augmented views of the training images (crops, mirrors), cached like the plain one
+    ema.py              an exponential moving average of the weights (train.py --ema-decay)
     ptb_tokenizer.py    PTB tokens as the COCO caption evaluation sees them
     cider.py            CIDEr-D with fixed document frequencies, self-critical training's reward
     report.py           the metric table and the gallery page

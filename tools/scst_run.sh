@@ -70,38 +70,6 @@ for run in ce scst-k10-lr1e-4-nodrop scst-k20-lr1e-4 "scst-$chosen" ce-control c
         --data-dir "$data" --split test --beam-size 1 3 --cache-dir "$cache" --gallery 0 --out-dir "$runs/$run/test"
 done
 
-# A caption repeats a word pair when the same two consecutive PTB tokens (evaluate.coco_tokenize: lowercased,
-# punctuation removed) occur twice in it, overlapping or not: "a wave on a wave" ("a wave" twice), "a man and
-# a man". The pair can also be two function words ("standing on a car on a street"), so a second count
-# leaves those pairs out. Also counted: a word right after itself ("a a"), and a run of two or more punctuation
-# marks in the caption as written ("a beach...."), which the PTB tokens, and so every metric, do not see.
-python - "$runs" ce scst-k10-lr1e-4-nodrop scst-k20-lr1e-4 "scst-$chosen" ce-control ce-control-15 <<'EOF'
-import json, re, sys
-from collections import Counter
-from evaluate import coco_tokenize
-
-FUNCTION_WORDS = {"a", "an", "the", "on", "in", "of", "with", "and", "at", "to", "is", "are", "by", "for", "from",
-                  "near", "next", "it", "its", "his", "her", "their", "that", "while", "up", "down", "into",
-                  "over", "under", "top", "front"}
-
-def repeats_pair(tokens, content_only=False):
-    return any(n >= 2 and not (content_only and set(pair) <= FUNCTION_WORDS)
-               for pair, n in Counter(zip(tokens, tokens[1:])).items())
-
-runs, names = sys.argv[1], sys.argv[2:]
-print("| run | beam | captions | repeated word pair | ... with a content word | word twice in a row "
-      "| punctuation run |")
-print("|---|---|---|---|---|---|---|")
-for name in names:
-    with open(f"{runs}/{name}/test/captions.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    for beam in sorted({r["beam_size"] for r in rows}):
-        captions = [r["caption"] for r in rows if r["beam_size"] == beam]
-        tokens = [coco_tokenize(c) for c in captions]
-        pairs = sum(map(repeats_pair, tokens)) / len(tokens)
-        content = sum(repeats_pair(t, content_only=True) for t in tokens) / len(tokens)
-        doubled = sum(any(a == b for a, b in zip(t, t[1:])) for t in tokens) / len(tokens)
-        punctuation = sum(bool(re.search(r"[^\w\s]{2,}", c)) for c in captions) / len(captions)
-        print(f"| {name} | {beam} | {len(tokens)} | {pairs:.1%} | {content:.1%} | {doubled:.1%} "
-              f"| {punctuation:.1%} |")
-EOF
+# Repetition in the test captions (tools/repetition.py says what is counted)
+python tools/repetition.py "$runs" ce/test scst-k10-lr1e-4-nodrop/test scst-k20-lr1e-4/test "scst-$chosen/test" \
+    ce-control/test ce-control-15/test
