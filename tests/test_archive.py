@@ -191,7 +191,7 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     import train
     from captioner import ids_to_text, model_from_data
     from support.processes import Processes
-    from support.run import CHECKPOINT_VERSION, TrainState, load_checkpoint, restore
+    from support.run import CHECKPOINT_VERSION, LATER_DEFAULTS, TrainState, load_checkpoint, restore
     with open(os.path.join(FIXTURES, "legacy-expected.json")) as f:
         expected = json.load(f)
     model, tokenizer, archive = load_model(os.path.join(FIXTURES, "legacy-model.pt"))
@@ -200,7 +200,9 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     for beam, captions in expected["model_captions"].items():
         assert ids_to_text(tokenizer, beam_search(model, tokens, int(beam), 8)[0]) == captions
     path = os.path.join(FIXTURES, "legacy-checkpoint.pt")
-    checkpoint = load_checkpoint(path, expected["settings"], train.RESUME_MUST_MATCH, world_size=1)
+    # today's train.py resumes it with the levers added since at their defaults (off), as that run trained
+    settings = {**expected["settings"], **LATER_DEFAULTS}
+    checkpoint = load_checkpoint(path, settings, train.RESUME_MUST_MATCH, world_size=1)
     assert checkpoint["version"] == CHECKPOINT_VERSION
     resumed, tokenizer = model_from_data(checkpoint["config"], checkpoint["model"], checkpoint["tokenizer"], path)
     for beam, captions in expected["checkpoint_captions"].items():  # its weights: one optimizer step later
@@ -216,7 +218,7 @@ def test_files_written_before_the_support_refactor_still_load(tmp_path):
     old["state"]["best_bleu4"] = old["state"].pop("best_score")
     del old["args"]["bucket_windows"], old["args"]["select_by"]
     torch.save(old, tmp_path / "older.pt")
-    upgraded = load_checkpoint(str(tmp_path / "older.pt"), expected["settings"], train.RESUME_MUST_MATCH, 1)
+    upgraded = load_checkpoint(str(tmp_path / "older.pt"), settings, train.RESUME_MUST_MATCH, 1)
     assert upgraded["state"]["best_score"] == 0.25 and upgraded["args"]["select_by"] == "bleu4"
 
 
