@@ -2,8 +2,8 @@
 # The levers against overfitting on ../shared/coco-mini, one at a time, judged on the val split only
 # (docs/recipe.md has the table): the cross-entropy setup of issue 11 (EfficientNet-Lite0, a 4-layer 256-wide
 # GPT-2 from tools/make_small_decoder.py, 6 epochs at batch 64 and LR 1e-3, the best epoch by val CIDEr-D),
-# with one flag changed per run. Each run takes about 20 minutes on 2 CPU cores; a run whose folder exists is
-# kept. Then one line per run (tools/summarise_runs.py).
+# with one flag changed per run (label smoothing off, as it was by default then, but in its own run). Each
+# run takes about 20 minutes on 2 CPU cores; a run whose folder exists is kept. Then one line per run (tools/summarise_runs.py).
 # Usage: bash tools/coco_mini_levers.sh [RUNS_DIR]   (DATA_DIR and CACHE_DIR may be set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ run() {
     [ -d "$runs/$name" ] || /usr/bin/time -f "$name: %e s wall-clock" python train.py --data-dir "$data" \
         --vision-backbone efficientnet-lite0 --language-model "$runs/decoder4x256" --lr 1e-3 --batch-size 64 \
         --accumulate-grad-batches 1 --precision 32 --device cpu --cache-dir "$cache" --select-by cider_d \
-        --max-epochs 6 "$@" --out-dir "$runs/$name"
+        --max-epochs 6 --label-smoothing 0 "$@" --out-dir "$runs/$name"
 }
 run baseline  # the SCST page's cross-entropy model (tools/scst_run.sh's ce): docs/recipe.md cites that run
 run dropout0.25 --dropout 0.25  # the decoder's own is GPT-2's 0.1
