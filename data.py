@@ -240,16 +240,14 @@ def training_splits(data_dir, backbone_name, grid, cache_dir, precision, num_wor
     splits = {}
     for split in ("train", "val"):
         every_item = read_split(data_dir, split, val_share, test_share)
-        cache = functools.partial(cached_image_tokens, every_item, split, backbone_name, grid, cache_dir,
-                                  device=processes.device, precision=precision, num_workers=num_workers,
-                                  get_backbone=get_backbone, processes=processes)
-        items, tokens, meta = split_image_tokens(
-            every_item, split, backbone_name, grid, cache_dir, device=processes.device, precision=precision,
-            num_workers=num_workers, get_backbone=get_backbone, processes=processes)
+        options = dict(device=processes.device, precision=precision, num_workers=num_workers,
+                       get_backbone=get_backbone, processes=processes)
+        items, tokens, meta = split_image_tokens(every_item, split, backbone_name, grid, cache_dir, **options)
         splits[split] = {"items": items, "tokens": tokens, "preprocessing": meta["preprocessing"]}
         if split == "train":  # the plain tokens, then each view's
-            splits[split]["all_views"] = [tokens] + [view_tokens(cache(view=view), every_item, meta)
-                                                     for view in VIEWS[:views]]
+            splits[split]["all_views"] = [tokens] + [
+                view_tokens(cached_image_tokens(every_item, split, backbone_name, grid, cache_dir, **options,
+                                                view=view), every_item, meta) for view in VIEWS[:views]]
             splits[split]["mirror_ok"] = [mirrorable(item.captions) for item in items]
     shared = {item.source.name for item in splits["train"]["items"]} & \
         {item.source.name for item in splits["val"]["items"]}
