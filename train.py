@@ -40,7 +40,7 @@ from support.flags import (add_overfitting_arguments, add_shared_arguments, chec
                            check_shared_args)
 from support.processes import (Processes, StopRequest, autocast, embedding_precision, interrupt, my_share,
                                to_device)
-from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_resume, load_checkpoint,
+from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe_run, load_checkpoint,
                          optimizer_step, padding_fraction, restore, run_processes, run_record, save_checkpoint,
                          seeded_generator, step_done)
 from support.ema import WeightAverage
@@ -119,6 +119,13 @@ def get_lr(step: int, total_steps: int, args) -> float:
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     min_lr = args.lr * args.min_lr_ratio
     return min_lr + 0.5 * (args.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_size(train_split, args, world_size: int) -> tuple[int, int]:
+    """-> (captions an epoch sees, optimizer steps per epoch)."""
+    captions = (len(train_split["items"]) if args.one_caption_per_image
+                else sum(len(c) for c in train_split["captions"]))
+    return captions, math.ceil(captions / (args.batch_size * args.accumulate_grad_batches * world_size))
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -350,33 +357,6 @@ def setup_model(args, processes, checkpoint, image_width: int):
     return model.to(processes.device), tokenizer
 
 
-def describe_run(args, processes, model, splits, state, checkpoint, steps_per_epoch: int):
-    """The run's figures, printed once at start (rank 0)."""
-    say, train_captions = processes.say, sum(len(c) for c in splits["train"]["captions"])
-    captions_per_epoch = len(splits["train"]["items"]) if args.one_caption_per_image else train_captions
-    total_steps = steps_per_epoch * args.max_epochs
-    say(f"device {processes.device}, precision {args.precision}, decoder {args.language_model} "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), backbone "
-        f"{args.vision_backbone}, {model.config.num_image_tokens} image tokens per image")
-    say(f"train {len(splits['train']['items'])} images / {train_captions} captions, val "
-        f"{len(splits['val']['items'])} images; {captions_per_epoch} captions per epoch")
-    say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} "
-        f"process{'es' if processes.world_size > 1 else ''} = "
-        f"{args.batch_size * args.accumulate_grad_batches * processes.world_size} captions; {steps_per_epoch} "
-        f"optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
-    windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
-    say(f"padding: {padding_fraction(windows, splits['train']['captions'], args.batch_size):.1%} of the token "
-        f"positions in epoch {state.epoch}'s micro-batches (--bucket-windows {args.bucket_windows})")
-    say(f"against overfitting: label smoothing {args.label_smoothing:g}, EMA decay {args.ema_decay:g}, dropout "
-        f"{model.decoder.config.resid_pdrop:g}, image dropout {args.image_dropout:g}, {args.augment_views} views")
-    say(f"outputs: {args.out_dir}/model (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
-        f"embedding cache {args.cache_dir}")
-    if checkpoint:
-        old_epochs = checkpoint["args"].get("max_epochs", args.max_epochs)
-        lrs = get_lr(state.step, steps_per_epoch * old_epochs, args), get_lr(state.step, total_steps, args)
-        describe_resume(processes, checkpoint, args, state, total_steps, lrs)
-
-
 def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: RunFiles, start: float):
     """Rank 0: validate, keep the model in OUT/model if it is the best so far, log the epoch. With
     --ema-decay, `model` holds the weight average here."""
@@ -436,12 +416,12 @@ def train(args, processes: Processes):
     train_model = processes.wrap(model)
     if args.compile:
         train_model = torch.compile(train_model)
-    captions_per_epoch = (len(splits["train"]["items"]) if args.one_caption_per_image
-                          else sum(len(c) for c in splits["train"]["captions"]))
-    steps_per_epoch = math.ceil(
-        captions_per_epoch / (args.batch_size * args.accumulate_grad_batches * processes.world_size))
+    captions_per_epoch, steps_per_epoch = epoch_size(splits["train"], args, processes.world_size)
     total_steps = steps_per_epoch * args.max_epochs
-    describe_run(args, processes, model, splits, state, checkpoint, steps_per_epoch)
+    windows = epoch_windows(splits["train"]["captions"], state.epoch, args, processes.world_size)
+    padding = padding_fraction(windows, splits["train"]["captions"], args.batch_size)
+    describe_run(args, processes, model, splits, state, checkpoint, captions_per_epoch, steps_per_epoch,
+                 padding, get_lr)
     files.begin(replace=args.overwrite and not args.resume, resumed_state=state if checkpoint else None)
 
     def save():

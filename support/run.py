@@ -271,6 +271,33 @@ def trim_log(log_path: str, state: TrainState):
         print(f"{log_path}: dropped {len(lines) - len(kept)} records after step {state.step} (to run again)")
 
 
+def describe_run(args, processes, model, splits, state, checkpoint, captions_per_epoch: int,
+                 steps_per_epoch: int, padding: float, get_lr):
+    """train.py's figures, printed once at start (rank 0). padding: the share of padded token positions in
+    this epoch's micro-batches; get_lr(step, total_steps, args): the LR schedule."""
+    say, train_captions = processes.say, sum(len(c) for c in splits["train"]["captions"])
+    total_steps = steps_per_epoch * args.max_epochs
+    say(f"device {processes.device}, precision {args.precision}, decoder {args.language_model} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), backbone "
+        f"{args.vision_backbone}, {model.config.num_image_tokens} image tokens per image")
+    say(f"train {len(splits['train']['items'])} images / {train_captions} captions, val "
+        f"{len(splits['val']['items'])} images; {captions_per_epoch} captions per epoch")
+    say(f"effective batch {args.batch_size} x {args.accumulate_grad_batches} x {processes.world_size} "
+        f"process{'es' if processes.world_size > 1 else ''} = "
+        f"{args.batch_size * args.accumulate_grad_batches * processes.world_size} captions; {steps_per_epoch} "
+        f"optimizer steps per epoch, {total_steps} in all; peak LR {args.lr:g} ({args.lr_schedule})")
+    say(f"padding: {padding:.1%} of the token positions in epoch {state.epoch}'s micro-batches "
+        f"(--bucket-windows {args.bucket_windows})")
+    say(f"against overfitting: label smoothing {args.label_smoothing:g}, EMA decay {args.ema_decay:g}, dropout "
+        f"{model.decoder.config.resid_pdrop:g}, image dropout {args.image_dropout:g}, {args.augment_views} views")
+    say(f"outputs: {args.out_dir}/model (best epoch by val {args.select_by}), checkpoint.pt, log.jsonl; "
+        f"embedding cache {args.cache_dir}")
+    if checkpoint:  # a resumed run may change --max-epochs: the LR at this step, old schedule and new
+        old_total = steps_per_epoch * checkpoint["args"].get("max_epochs", args.max_epochs)
+        lrs = get_lr(state.step, old_total, args), get_lr(state.step, total_steps, args)
+        describe_resume(processes, checkpoint, args, state, total_steps, lrs)
+
+
 def describe_resume(processes, checkpoint, args, state, total_steps: int, lrs: tuple[float, float]):
     """Where a resumed run stands, and what changed since (lrs: the LR at this step before and after a new
     --max-epochs)."""

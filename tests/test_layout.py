@@ -14,9 +14,7 @@ SUPPORT = sorted(os.path.relpath(p, REPO)[:-3].replace(os.sep, ".")
                  for p in glob.glob(os.path.join(REPO, "support", "*.py")))
 # The most lines a file may hold: the "about" 550 / 250 / 250 / 450 / 330 lines (support: 400),
 # with the slack that "about" gives; more is a signal to look at what the file holds, not to raise the figure.
-# train: 485 since its five levers against overfitting (docs/recipe.md), after their flags, optimizer_step and
-# padding_fraction moved to support/.
-BUDGETS = {"captioner": 575, "data": 260, "evaluate": 260, "train": 485, "scst": 370}
+BUDGETS = {"captioner": 575, "data": 260, "evaluate": 260, "train": 475, "scst": 370}
 SUPPORT_BUDGET = 410
 FUNCTION_LINES = 62  # beam_search aside: its steps read best as one loop
 LONG_ALLOWED = {("captioner", "beam_search")}
