@@ -21,10 +21,14 @@ run() {
         --accumulate-grad-batches 1 --precision 32 --device cpu --cache-dir "$cache" --select-by cider_d \
         --max-epochs 6 --label-smoothing 0 "$@" --out-dir "$runs/$name"
 }
-run baseline  # the SCST page's cross-entropy model (tools/scst_run.sh's ce): docs/recipe.md cites that run
+run baseline  # the SCST page's cross-entropy model (tools/scst_run.sh's ce), run again
 run dropout0.25 --dropout 0.25  # the decoder's own is GPT-2's 0.1
 run ema0.995 --ema-decay 0.995
 run smoothing0.1 --label-smoothing 0.1
 run views4 --augment-views 4
-# --image-grid 7 was stopped after 58 steps: about 1.3x grid 3's time per step, beyond the time budget
+run image-dropout0.1 --image-dropout 0.1
+run grid5 --image-grid 5  # 26 image tokens, its own embedding cache; --image-grid 7 was stopped after 58 steps
+# a second seed of the baseline and of the chosen lever, to size the noise of one run
+run baseline-seed1 --seed 1
+run smoothing0.1-seed1 --label-smoothing 0.1 --seed 1
 python tools/summarise_runs.py $(dirname "$runs"/*/log.jsonl)
