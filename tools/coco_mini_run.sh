@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE=1
 mkdir -p "$runs"
 [ -d "$runs/small-decoder" ] || python tools/make_small_decoder.py "$runs/small-decoder" --layers 2 --width 128 --heads 4
 common=(--data-dir "$data" --vision-backbone efficientnet-lite0 --language-model "$runs/small-decoder"
-        --lr 1e-3 --cache-dir "$runs/cache" --log-interval 20 --label-smoothing 0)  # as these runs were made
+        --lr 1e-3 --cache-dir "$runs/cache" --log-interval 20)
 original=(--image-grid 0 --lr-schedule constant --train-padding --one-caption-per-image)
 python train.py "${common[@]}" --max-epochs "$epochs" --image-grid 3 --out-dir "$runs/ours"
 python train.py "${common[@]}" --max-epochs "$epochs" --image-grid 0 --out-dir "$runs/ours-grid0"

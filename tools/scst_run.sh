@@ -19,8 +19,7 @@ export HF_HUB_OFFLINE=1
 mkdir -p "$runs"
 [ -d "$runs/decoder4x256" ] || python tools/make_small_decoder.py "$runs/decoder4x256" --layers 4 --width 256 --heads 4
 ce=(--data-dir "$data" --vision-backbone efficientnet-lite0 --language-model "$runs/decoder4x256" --lr 1e-3
-    --batch-size 64 --accumulate-grad-batches 1 --precision 32 --device cpu --cache-dir "$cache" --select-by cider_d
-    --label-smoothing 0)  # label smoothing came later (docs/recipe.md)
+    --batch-size 64 --accumulate-grad-batches 1 --precision 32 --device cpu --cache-dir "$cache" --select-by cider_d)
 timed() { /usr/bin/time -f "%e s wall-clock, %U s user + %S s system CPU: $*" "$@"; }
 
 # 1. the cross-entropy model
