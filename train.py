@@ -44,7 +44,7 @@ from support.run import (Interval, RunFiles, TrainState, check_out_dir, describe
                          optimizer_step, padding_fraction, restore, run_processes, run_record, save_checkpoint,
                          seeded_generator, step_done)
 from support.ema import WeightAverage
-from support.views import draw_views
+from support.views import draw_views, tokens_to_device
 
 # ---------------------------------------------------------------------------------------------------------
 # ---- batches ----
@@ -374,14 +374,6 @@ def end_of_epoch(model, tokenizer, splits, epoch, state, args, device, files: Ru
               f"epoch {epoch}: val loss {scores['val_loss']:.4f}, BLEU-4 {scores['val_bleu4']:.4f}, CIDEr-D "
               f"{scores['val_cider_d']:.4f} (beam {args.beam_size})"
               f"{' (best so far, saved model/)' if best else ''}; e.g. {scores['example']!r}")
-
-
-def tokens_to_device(splits, device):
-    """The splits' image tokens to the device; the train split's views as one (views + 1, N, K, D) tensor."""
-    for split in splits.values():
-        split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(device)
-    splits["train"]["all_views"] = torch.stack([torch.from_numpy(np.ascontiguousarray(t[:]))
-                                                for t in splits["train"]["all_views"]]).to(device)
 
 
 def main(args):

@@ -6,11 +6,13 @@ time; a fixed set of views is what makes them cacheable. The set is AlexNet's te
 backbone's preprocessed square and resized back to it.
 
 A mirrored view would contradict a caption that says "left" or "right", so the views of an image whose
-captions use either word are drawn from the unmirrored ones only.
+captions use either word are drawn from the unmirrored ones only. tokens_to_device puts the splits' image
+tokens, views included, in device memory (train.py --tokens-on-device).
 """
 
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +72,10 @@ def view_tokens(cached, items, plain_meta):
                          f"differ from the plain view's; delete both caches' files to embed them again")
     return drop_unreadable(items, tokens, meta)[1]
 
+
+def tokens_to_device(splits, device):
+    """The splits' image tokens to the device; the train split's views as one (views + 1, N, K, D) tensor."""
+    for split in splits.values():
+        split["tokens"] = torch.from_numpy(np.ascontiguousarray(split["tokens"][:])).to(device)
+    splits["train"]["all_views"] = torch.stack([torch.from_numpy(np.ascontiguousarray(t[:]))
+                                                for t in splits["train"]["all_views"]]).to(device)
